@@ -1,0 +1,26 @@
+"""reparam: fold multi-branch linear blocks into plain convolutions, exactly.
+
+    folded = reparam.fold(model)            # a new torch.fx.GraphModule
+    report = reparam.explain(model)         # what folded, what did not, and why
+"""
+
+from . import kernel, rules
+from .api import count_ops, explain, fold, max_error
+from .errors import CheckError, ReparamError, TraceError
+from .report import Leftover, Region, Report
+from .values import Rule, law, rule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckError", "Leftover", "Region", "ReparamError", "Report", "Rule", "TraceError",
+    "count_ops", "explain", "fold", "kernel", "law", "max_error", "models", "rule", "rules",
+]
+
+
+def __getattr__(name: str):
+    if name == "models":  # imported lazily: the model zoo is not needed to fold
+        import importlib
+
+        return importlib.import_module(".models", __name__)
+    raise AttributeError(name)

@@ -1,0 +1,302 @@
+"""``reparam.fold`` and ``reparam.explain``: the public entry points."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+from torch import fx, nn
+
+from .errors import CheckError, ReparamError, TraceError
+from .ops import describe
+from .report import Report
+from .rewrite import fold_graph
+from .rules import ALL
+from .trace import as_inputs, guess_inputs, light_copy, own_tensors, propagate_shapes, trace
+from .values import Rule
+
+_BN = (nn.modules.batchnorm._BatchNorm,)
+
+
+def _validate(model: object, rules: object, max_cost: float) -> None:
+    if not isinstance(model, nn.Module):
+        raise ReparamError(
+            f"fold expects a torch.nn.Module, got {type(model).__name__}; pass the model object "
+            "(load a saved state_dict into its class first)"
+        )
+    if isinstance(rules, Rule) or not all(isinstance(r, Rule) for r in rules):
+        raise ReparamError("rules must be a sequence of reparam rules, e.g. reparam.rules.ALL "
+                           "or reparam.rules.REPVGG + (my_rule,)")
+    if not max_cost > 0:
+        raise ReparamError("max_cost must be a positive ratio (1.0: never dearer)")
+    training = [name or type(model).__name__ for name, m in model.named_modules()
+                if m.training and (isinstance(m, _BN) or name == "")]
+    if training:
+        raise ReparamError(
+            f"{type(model).__name__} is in training mode ({', '.join(training[:3])}"
+            f"{'...' if len(training) > 3 else ''}): BN uses batch statistics there, so folding "
+            "would change what it computes. Call model.eval() before reparam.fold(model)."
+        )
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_meta:
+            raise ReparamError(
+                "the model has parameters on the meta device (no values): load real weights "
+                "(e.g. model.to_empty(device='cpu') and load_state_dict) before folding"
+            )
+
+
+def count_ops(gm: fx.GraphModule) -> dict[str, int]:
+    """How many conv, linear, batch_norm, add, ... nodes a traced graph has."""
+    modules = dict(gm.named_modules())
+    counts: Counter[str] = Counter()
+    for node in gm.graph.nodes:
+        op = describe(node, modules)
+        if op is not None:
+            counts[op.kind] += 1
+    return dict(counts)
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def fold(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] = ALL,
+         check: bool = False, max_cost: float = 1.0, leaf_modules: Sequence[str] = ()
+         ) -> nn.Module:
+    """Fold every exactly-mergeable linear region of ``model`` into one conv or linear layer.
+
+    Returns a new :class:`torch.fx.GraphModule` (the input is never modified) with the report of
+    what was folded as ``.reparam_report``. ``example_inputs`` fixes the input shape (guessed from
+    the first layer when omitted); ``rules`` is a rule set (default :data:`reparam.rules.ALL`);
+    ``max_cost`` the largest allowed ratio of folded to original multiply-adds per region;
+    ``check=True`` compares the folded and original models in float64 on random inputs and raises
+    :class:`~reparam.errors.CheckError` naming the first region that diverges.
+    """
+    rules = tuple(rules) if not isinstance(rules, Rule) else rules
+    _validate(model, rules, max_cost)
+    inputs = as_inputs(example_inputs)
+    start = time.perf_counter()
+    folded, report, inputs = _fold_module(model, inputs, rules, max_cost, tuple(leaf_modules))
+    own_tensors(folded, model)
+    report.params_before, report.params_after = _params(model), _params(folded)
+    report.fold_seconds = time.perf_counter() - start
+    folded.reparam_report = report
+    if check:
+        _check(model, inputs, rules, max_cost, tuple(leaf_modules), report)
+    return folded
+
+
+def explain(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] = ALL,
+            max_cost: float = 1.0) -> Report:
+    """What ``fold`` would do: regions folded, linear ops left with reasons, params and MACs.
+
+    With ``example_inputs``, ``.max_error`` is ``max |folded - original| / max |original|``, the
+    folded model in its own dtype against the original run in float64.
+    """
+    folded = fold(model, example_inputs, rules=rules, max_cost=max_cost)
+    report = folded.reparam_report
+    if example_inputs is not None:
+        report.max_error = max_error(model, folded, as_inputs(example_inputs))
+    return report
+
+
+def _fold_module(model: nn.Module, inputs: tuple | None, rules, max_cost: float,
+                 leaves: tuple[str, ...]) -> tuple[nn.Module, Report, tuple]:
+    try:
+        gm, untraced = trace(lambda: light_copy(model), leaves)
+    except TraceError as e:
+        return _fold_children(model, inputs, rules, max_cost, str(e))
+    if inputs is None:
+        inputs = guess_inputs(model, gm)
+    captured = _capture_leaf_inputs(gm, [p for p, _ in untraced])
+    propagate_shapes(gm, inputs)
+    ops_before = count_ops(gm)
+    report = fold_graph(gm, rules, max_cost)
+    report.ops_before, report.ops_after = ops_before, count_ops(gm)
+    report.untraced = list(untraced)
+    for path, _ in untraced:
+        _fold_inside(gm, path, captured.get(path), rules, max_cost, report)
+    return gm, report, inputs
+
+
+def _fold_children(model: nn.Module, inputs, rules, max_cost: float, why: str):
+    """The root does not trace: fold each child that does (recursively) and keep the root."""
+    root = light_copy(model)
+    report = Report(untraced=[("", why)])
+    captured = _capture_child_inputs(root, inputs)
+    for name, child in list(root.named_children()):
+        args = captured.get(name)
+        if args is None or not _parameterized(child):
+            continue
+        try:
+            folded, sub, _ = _fold_module(child, args, rules, max_cost, ())
+        except ReparamError:
+            continue
+        setattr(root, name, folded)
+        report.merge(sub, name)
+    return root, report, inputs
+
+
+def _parameterized(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def _capture_child_inputs(root: nn.Module, inputs) -> dict[str, tuple]:
+    if inputs is None:
+        return {}
+    captured: dict[str, tuple] = {}
+    hooks = [child.register_forward_pre_hook(_recorder(captured, name))
+             for name, child in root.named_children()]
+    try:
+        with torch.no_grad():
+            root(*inputs)
+    except Exception:  # noqa: BLE001 - whatever ran before the failure is still useful
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return captured
+
+
+def _recorder(store: dict, name: str):
+    def hook(module, args):
+        if name not in store and all(isinstance(a, torch.Tensor) for a in args):
+            store[name] = tuple(a.detach().clone() for a in args)
+
+    return hook
+
+
+def _capture_leaf_inputs(gm: fx.GraphModule, paths: list[str]) -> dict[str, dict[str, tuple]]:
+    """Set up hooks that record, during shape propagation, what each leaf's children receive."""
+    store: dict[str, dict[str, tuple]] = {}
+    for path in paths:
+        try:
+            leaf = gm.get_submodule(path)
+        except AttributeError:
+            continue
+        store[path] = {}
+        for name, child in leaf.named_children():
+            child.register_forward_pre_hook(_fake_recorder(store[path], name))
+    return store
+
+
+def _fake_recorder(store: dict, name: str):
+    def hook(module, args):
+        if name in store or not all(isinstance(a, torch.Tensor) for a in args):
+            return
+        store[name] = tuple(torch.randn(a.shape, dtype=a.dtype) for a in args)
+
+    return hook
+
+
+def _fold_inside(gm: fx.GraphModule, path: str, captured: dict[str, tuple] | None, rules,
+                 max_cost: float, report: Report) -> None:
+    """Fold the children of an untraceable leaf module, one by one."""
+    leaf = gm.get_submodule(path)
+    for module in leaf.modules():
+        module._forward_pre_hooks.clear()
+    for name, child in list(leaf.named_children()):
+        args = (captured or {}).get(name)
+        if args is None or not _parameterized(child):
+            continue
+        try:
+            folded, sub, _ = _fold_module(child, args, rules, max_cost, ())
+        except ReparamError:
+            continue
+        setattr(leaf, name, folded)
+        report.merge(sub, f"{path}.{name}")
+
+
+def _run64(module: nn.Module, inputs: tuple):
+    m = copy.deepcopy(module).to(torch.float64)
+    args = [a.to(torch.float64) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+            for a in inputs]
+    with torch.no_grad():
+        return m(*args)
+
+
+def _flat(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flat(o)]
+    return []
+
+
+def relative_error(got, want) -> float:
+    """``max |got - want| / max |want|`` over all output tensors, computed in float64."""
+    worst = 0.0
+    for g, w in zip(_flat(got), _flat(want), strict=True):
+        g, w = g.double(), w.double()
+        scale = w.abs().max().item() or 1.0
+        worst = max(worst, (g - w).abs().max().item() / scale)
+    return worst
+
+
+def max_error(original: nn.Module, folded: nn.Module, inputs: tuple) -> float:
+    """The folded model (its own dtype) against the original run in float64."""
+    want = _run64(original, inputs)
+    with torch.no_grad():
+        got = folded(*inputs)
+    return relative_error(got, want)
+
+
+def _check(model: nn.Module, inputs: tuple, rules, max_cost: float, leaves: tuple[str, ...],
+           report: Report, tol: float = 1e-9) -> None:
+    """Fold a float64 copy the same way and compare it with the float64 original on random
+    inputs; on a mismatch name the first region that diverges. (Float64 on both sides, so the
+    comparison measures the fold, not float32 rounding.)"""
+    original = copy.deepcopy(model).to(torch.float64)
+    inputs = tuple(torch.randn_like(t, dtype=torch.float64)
+                   if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                   for t in inputs)
+    folded, sub, _ = _fold_module(original, inputs, rules, max_cost, leaves)
+    with torch.no_grad():
+        err = relative_error(folded(*inputs), original(*inputs))
+    if err <= tol:
+        return
+    culprit = _first_bad_region(original, folded, inputs, sub, tol)
+    where = f"; the first region that diverges is '{culprit}'" if culprit else ""
+    raise CheckError(
+        f"the folded model differs from the original by {err:.3g} (relative, float64){where}. "
+        "Please report this as a bug in reparam, with the model; use the unfolded model "
+        "meanwhile."
+    )
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, names: set[str]) -> None:
+        super().__init__(gm)
+        self.names, self.seen = names, {}
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if n.name in self.names:
+            self.seen[n.name] = out
+        return out
+
+
+def _first_bad_region(original: nn.Module, folded: nn.Module, inputs: tuple, report: Report,
+                      tol: float) -> str | None:
+    """Run the traced original and the folded graph side by side; compare each region's output."""
+    if not isinstance(folded, fx.GraphModule):
+        return None
+    try:
+        before, _ = trace(lambda: light_copy(original), [p for p, _ in report.untraced])
+    except ReparamError:
+        return None
+    want = _Recorder(before, {r.output for r in report.regions})
+    got = _Recorder(folded, {r.node for r in report.regions})
+    with torch.no_grad():
+        want.run(*inputs)
+        got.run(*inputs)
+    for r in report.regions:
+        a, b = got.seen.get(r.node), want.seen.get(r.output)
+        if a is not None and b is not None and relative_error(a, b) > tol:
+            return r.name
+    return None

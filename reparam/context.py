@@ -1,0 +1,133 @@
+"""What a rule sees while it folds one node: its operands' values, constants, shapes, laws."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, fx
+
+from . import kernel as K
+from .ops import Op, shape_of
+from .values import OPAQUE, Const, Lin, NoFold, Value, merge_rules
+
+Layout = tuple[int, bool]  # (spatial dims, channels_last)
+
+
+class Context:
+    """Operands of one node, resolved against the current values of the graph.
+
+    With ``cut`` set, every operand is read as an opaque source, so a node whose fold through its
+    inputs failed can still start a region of its own (its inputs are then materialized).
+    """
+
+    def __init__(self, node: fx.Node, op: Op, values: Mapping[fx.Node, Value],
+                 barriers: set[fx.Node], mutated: set[fx.Node], enabled: set[str],
+                 cut: bool = False) -> None:
+        self.node, self.op = node, op
+        self._values, self._barriers, self._mutated = values, barriers, mutated
+        self._enabled = enabled
+        self.cut = cut
+        self.used: list[str] = []
+
+    # --- laws ------------------------------------------------------------------------------
+    def require(self, name: str) -> None:
+        """Use law ``name``; a rule set without it leaves this node unfolded, saying so."""
+        if name not in self._enabled:
+            raise NoFold(f"needs the law '{name}', which is not in the rule set")
+        if name not in self.used:
+            self.used.append(name)
+
+    # --- operands --------------------------------------------------------------------------
+    def value(self, arg: Any) -> Value:
+        if not isinstance(arg, fx.Node):
+            return Const(arg)
+        value = self._values.get(arg, OPAQUE)
+        if isinstance(value, Lin) and (self.cut or arg in self._barriers):
+            return OPAQUE
+        return value
+
+    def is_const(self, arg: Any) -> bool:
+        return isinstance(self.value(arg), Const)
+
+    def const(self, arg: Any) -> Any:
+        """The constant behind ``arg`` (a tensor or a number), or ``None``."""
+        value = self.value(arg)
+        return value.value if isinstance(value, Const) else None
+
+    def param(self, arg: Any) -> Tensor | None:
+        """A parameter as a float64 tensor (a copy: the caller's tensors are never written)."""
+        value = arg if isinstance(arg, Tensor) else self.const(arg)
+        if value is None:
+            return None
+        if not isinstance(value, Tensor):
+            raise NoFold(f"expected a tensor parameter, found {type(value).__name__}")
+        return value.detach().to(torch.float64)
+
+    def shape(self, arg: Any) -> torch.Size | None:
+        return shape_of(arg)
+
+    def lin(self, arg: Any, layout: Layout | None = None) -> Lin:
+        """``arg`` as a linear value; an opaque node becomes the identity on itself."""
+        value = self.value(arg)
+        if isinstance(value, Lin):
+            k = value.kernel
+            if layout is not None and (k.nd, k.channels_last) != layout:
+                raise NoFold(f"'{arg}' has another layout than this op expects")
+            return value
+        if not isinstance(arg, fx.Node) or isinstance(value, Const):
+            raise NoFold(f"operand '{arg}' is a constant, not a tensor computed from the input")
+        if arg in self._mutated:
+            raise NoFold(f"'{arg}' is modified in place later, so it cannot be read out of order")
+        shape = shape_of(arg)
+        if shape is None:
+            raise NoFold(f"the shape of '{arg}' is unknown (pass example_inputs to fold)")
+        rank = len(shape)
+        if layout is None:
+            layout = (max(rank - 2, 0), False)
+        nd, channels_last = layout
+        if rank < 2 or (not channels_last and rank != nd + 2):
+            raise NoFold(f"'{arg}' has rank {rank}, not the batched layout this op expects")
+        channels = shape[-1] if channels_last else shape[1]
+        ident = K.identity(channels, nd, channels_last)
+        return Lin(arg, ident, frozenset())
+
+    def layout_of(self, arg: Any) -> Layout | None:
+        """The layout of a linear operand, or the default one for an opaque node's rank."""
+        value = self.value(arg)
+        if isinstance(value, Lin):
+            return (value.kernel.nd, value.kernel.channels_last)
+        shape = shape_of(arg)
+        if shape is None or len(shape) < 2:
+            return None
+        return (len(shape) - 2, False)
+
+    def channel_vector(self, const: Any, layout: Layout) -> Tensor | None:
+        """A constant that broadcasts as one value per channel (or a scalar), as a float64 vector.
+
+        Returns ``None`` when it varies along any other axis of this node's output.
+        """
+        if isinstance(const, bool) or not isinstance(const, (int, float, Tensor)):
+            return None
+        t = torch.as_tensor(const).detach().to(torch.float64)
+        if t.numel() == 1:
+            return t.reshape(1)
+        out = shape_of(self.node)
+        if out is None or t.dim() > len(out):
+            return None
+        nd, channels_last = layout
+        axis = len(out) - 1 if channels_last or len(out) == 2 else 1
+        padded = (1,) * (len(out) - t.dim()) + tuple(t.shape)
+        if any(size != 1 for i, size in enumerate(padded) if i != axis):
+            return None
+        return t.reshape(-1)
+
+    # --- result ----------------------------------------------------------------------------
+    def result(self, kernel: K.Kernel, *inputs: Lin, rule: str) -> Lin:
+        source = inputs[0].source
+        if any(i.source is not source for i in inputs):
+            raise NoFold("branches read different inputs")
+        nodes = frozenset().union(*(i.nodes for i in inputs)) | {self.node}
+        rules = merge_rules(*(i.rules for i in inputs), [rule], self.used)
+        return Lin(source, kernel, nodes, rules)

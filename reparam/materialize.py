@@ -1,0 +1,38 @@
+"""Turning a folded :class:`~reparam.kernel.Kernel` back into a standard torch module."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .kernel import Kernel, regroup
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+
+
+def to_module(k: Kernel, dtype: torch.dtype, device: torch.device | None = None) -> nn.Module:
+    """``nn.Linear``, ``nn.ConvNd`` or ``nn.ConvTransposeNd`` computing ``k``, cast to ``dtype``.
+
+    The bias is kept only when it is not all zero.
+    """
+    device = device if device is not None else k.weight.device
+    has_bias = k.has_bias
+    if k.nd == 0:
+        dense = regroup(k, 1)
+        module = nn.Linear(k.in_channels, k.out_channels, bias=has_bias)
+        weight = dense.weight
+    elif k.transposed:
+        module = _CONV_T[k.nd](k.in_channels, k.out_channels, k.kernel_size, k.stride, k.padding,
+                               k.output_padding, k.groups, has_bias, k.dilation)
+        weight = k.weight
+    else:
+        module = _CONV[k.nd](k.in_channels, k.out_channels, k.kernel_size, k.stride, k.padding,
+                             k.dilation, k.groups, has_bias, k.padding_mode)
+        weight = k.weight
+    module = module.to(device=device, dtype=dtype)
+    with torch.no_grad():
+        module.weight.copy_(weight.to(dtype))
+        if has_bias:
+            module.bias.copy_(k.bias.to(dtype))
+    return module.eval()

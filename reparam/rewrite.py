@@ -1,0 +1,375 @@
+"""The one driver: give every node a value, decide where linear regions end, materialize them.
+
+Walk the graph in topological order; each node is *opaque*, a *constant*, or *linear in one
+source node* (:class:`~reparam.values.Lin`), as the rules say. A linear node must be materialized
+(it is a *barrier*) when something other than a linear fold reads it: a non-linear op, the output,
+an in-place op, or two regions that would each duplicate a non-trivial computation. Barriers only
+grow, so re-walking until nothing changes terminates. A region whose folded conv would cost more
+multiply-adds than the ops it replaces is split at its last op (the cost policy). Then each
+barrier becomes one new module reading its source, and the replaced nodes are removed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import fx, nn
+
+from .context import Context
+from .kernel import Kernel
+from .materialize import to_module
+from .ops import Op, describe, dtype_of, mutated_input, shape_of
+from .report import Leftover, Region, Report
+from .values import OPAQUE, Const, Lin, NoFold, Rule, Value
+
+_IMPURE_NAMES = ("rand", "normal", "bernoulli", "dropout", "empty", "multinomial", "poisson")
+
+
+@dataclass
+class Plan:
+    values: dict[fx.Node, Value]
+    barriers: set[fx.Node]
+    reasons: dict[fx.Node, str] = field(default_factory=dict)
+
+
+def _per_sample(shape: Sequence[int] | None) -> int:
+    return 0 if not shape else math.prod(shape[1:]) if len(shape) > 1 else 1
+
+
+class Folder:
+    """Folds one traced :class:`torch.fx.GraphModule` in place (the caller passes a copy)."""
+
+    def __init__(self, gm: fx.GraphModule, rules: Sequence[Rule], max_cost: float = 1.0) -> None:
+        self.gm = gm
+        self.graph = gm.graph
+        self.modules = dict(gm.named_modules())
+        self.max_cost = max_cost
+        self.enabled = {r.name for r in rules}
+        self.by_kind: dict[str, list[Rule]] = {}
+        for r in rules:
+            for kind in r.kinds:
+                self.by_kind.setdefault(kind, []).append(r)
+        self.ops: dict[fx.Node, Op | None] = {
+            n: describe(n, self.modules) for n in self.graph.nodes
+        }
+        self.mutated: set[fx.Node] = set()
+        for n in self.graph.nodes:
+            target = mutated_input(n, self.modules)
+            if target is not None:
+                self.mutated.add(target)
+        self.forced: dict[fx.Node, str] = {}
+        self._consts: dict[fx.Node, Value] = {}
+
+    # --- values ------------------------------------------------------------------------------
+    def _const(self, node: fx.Node, values: dict[fx.Node, Value]) -> Value:
+        """Evaluate a node that depends on constants only (``self.alpha.view(1, -1, 1, 1)``)."""
+        if node in self._consts:
+            return self._consts[node]
+        result: Value = OPAQUE
+        name = getattr(node.target, "__name__", str(node.target))
+        if node.op in ("call_function", "call_method") and not any(
+            word in name for word in _IMPURE_NAMES
+        ) and mutated_input(node, self.modules) is None:
+            def read(a):
+                return values[a].value if isinstance(a, fx.Node) else a
+
+            args = fx.node.map_arg(node.args, read)
+            kwargs = fx.node.map_arg(node.kwargs, read)
+            try:
+                with torch.no_grad():
+                    if node.op == "call_function":
+                        result = Const(node.target(*args, **kwargs))
+                    else:
+                        obj, *rest = args
+                        result = Const(getattr(obj, node.target)(*rest, **kwargs))
+            except Exception:  # noqa: BLE001 - anything that fails stays opaque
+                result = OPAQUE
+        self._consts[node] = result
+        return result
+
+    def _fold_node(self, node: fx.Node, op: Op, values: dict[fx.Node, Value],
+                   barriers: set[fx.Node], reasons: dict[fx.Node, str]) -> Value:
+        rules = self.by_kind.get(op.kind, [])
+        merging = any(
+            isinstance(values.get(a), Lin) and a not in barriers and values[a].nodes
+            for a in node.all_input_nodes
+        )
+        first_reason: str | None = None
+        for cut in (False, True) if merging else (False,):
+            last_reason = None
+            for r in rules:
+                ctx = Context(node, op, values, barriers, self.mutated, self.enabled, cut=cut)
+                try:
+                    result = r.fold(ctx, op)
+                except NoFold as e:
+                    last_reason = str(e)
+                    continue
+                if result is not None:
+                    if cut:
+                        reasons[node] = first_reason or ""
+                    return result
+            if first_reason is None:
+                first_reason = last_reason
+                if first_reason is None and merging:
+                    first_reason = f"no rule in the rule set folds '{op.kind}'"
+        if first_reason is not None:
+            reasons[node] = first_reason
+        return OPAQUE
+
+    def interpret(self, barriers: set[fx.Node]) -> Plan:
+        values: dict[fx.Node, Value] = {}
+        reasons: dict[fx.Node, str] = {}
+        for node in self.graph.nodes:
+            if node.op == "placeholder" or node.op == "output":
+                values[node] = OPAQUE
+            elif node.op == "get_attr":
+                values[node] = Const(_fetch(self.gm, str(node.target)))
+            elif node in self.forced:
+                values[node] = OPAQUE
+                reasons[node] = self.forced[node]
+            else:
+                inputs = node.all_input_nodes
+                if node.op != "call_module" and all(
+                    isinstance(values.get(i), Const) for i in inputs
+                ):
+                    values[node] = self._const(node, values)
+                    continue
+                op = self.ops[node]
+                values[node] = OPAQUE if op is None else self._fold_node(
+                    node, op, values, barriers, reasons)
+        return Plan(values, barriers, reasons)
+
+    # --- where regions end ---------------------------------------------------------------------
+    def _escaping(self, plan: Plan) -> set[fx.Node]:
+        new = set()
+        for node, value in plan.values.items():
+            if not isinstance(value, Lin) or node in plan.barriers:
+                continue
+            if node in self.mutated:
+                new.add(node)
+                continue
+            for user in node.users:
+                uv = plan.values.get(user)
+                if not (isinstance(uv, Lin) and node in uv.nodes):
+                    new.add(node)
+                    break
+        barriers = plan.barriers | new
+        count = Counter(n for b in barriers if isinstance(plan.values[b], Lin)
+                        for n in plan.values[b].nodes)
+        for node, times in count.items():
+            value = plan.values[node]
+            if times > 1 and node not in barriers and not value.kernel.is_diagonal:
+                new.add(node)
+        return new
+
+    def op_cost(self, node: fx.Node) -> int:
+        """Multiply-adds of one original op, per sample."""
+        op = self.ops.get(node)
+        if op is None:
+            return 0
+        out = shape_of(node)
+        if op.kind in ("conv", "linear"):
+            weight = op.attrs["weight"]
+            w = weight if isinstance(weight, torch.Tensor) else _fetch_node(self.gm, weight)
+            if w is None:
+                return 0
+            if op.kind == "linear":
+                return _per_sample(out) * w.shape[1]
+            taps = math.prod(w.shape[2:])
+            if op.attrs["transposed"]:
+                return _per_sample(shape_of(op.inputs[0])) * w.shape[1] * taps
+            return _per_sample(out) * w.shape[1] * taps
+        if op.kind in ("identity", "pad", "cat"):
+            return 0
+        if op.kind == "avg_pool":
+            return _per_sample(out) * math.prod(op.attrs["kernel_size"])
+        return _per_sample(out)
+
+    def kernel_cost(self, node: fx.Node, k: Kernel) -> int:
+        out = shape_of(node)
+        if out is None:
+            return 0
+        if k.transposed:
+            src_positions = _per_sample(out) // max(k.out_channels, 1)
+            return k.macs(src_positions)  # bound; transposed regions are conv + affine only
+        return k.macs(_per_sample(out) // max(k.out_channels, 1))
+
+    def _too_dear(self, plan: Plan) -> dict[fx.Node, str]:
+        out = {}
+        for b in plan.barriers:
+            value = plan.values[b]
+            if not isinstance(value, Lin) or len(value.nodes) < 2 or _is_identity(value.kernel):
+                continue
+            before = sum(self.op_cost(n) for n in value.nodes)
+            after = self.kernel_cost(b, value.kernel)
+            if after > before * self.max_cost:
+                out[b] = (f"folding {len(value.nodes)} ops into {value.kernel.geometry()} would "
+                          f"cost {after:,} multiply-adds, more than the {before:,} they cost now "
+                          f"(cost policy max_cost={self.max_cost})")
+        return out
+
+    def plan(self) -> Plan:
+        barriers: set[fx.Node] = set()
+        for _ in range(10_000):
+            plan = self.interpret(barriers)
+            new = self._escaping(plan)
+            if new:
+                barriers |= new
+                continue
+            dear = self._too_dear(plan)
+            if not dear:
+                return plan
+            self.forced.update(dear)
+            barriers -= set(dear)
+        raise RuntimeError("reparam: the fold did not reach a fixpoint")  # pragma: no cover
+
+    # --- rewriting -----------------------------------------------------------------------------
+    def materialize(self, plan: Plan) -> Report:
+        report = Report()
+        removed: set[fx.Node] = set()
+        pending: list[tuple[str, str, nn.Module]] = []
+        for b in [n for n in self.graph.nodes if n in plan.barriers]:
+            value = plan.values[b]
+            if not isinstance(value, Lin):
+                continue
+            if _is_identity(value.kernel) and value.source is not b:
+                b.replace_all_uses_with(value.source)
+                removed |= value.nodes
+                continue
+            if len(value.nodes) < 2:
+                continue
+            main = max(value.nodes, key=lambda n: (self.op_cost(n), -_order(n)))
+            base = self._module_name(main) or b.name
+            dtype = dtype_of(b) or torch.float32
+            module = to_module(value.kernel, dtype if dtype.is_floating_point else torch.float32)
+            temp = f"_reparam_tmp_{len(pending)}"
+            self.gm.add_submodule(temp, module)
+            with self.graph.inserting_before(b):
+                new = self.graph.call_module(temp, (value.source,))
+            new.meta = dict(b.meta)
+            b.replace_all_uses_with(new)
+            removed |= value.nodes
+            pending.append((temp, base, module))
+            replaced = tuple(n.name for n in sorted(value.nodes, key=_order))
+            report.regions.append(Region(
+                temp, replaced, value.rules, value.kernel.geometry(),
+                self._params(value.nodes), sum(p.numel() for p in module.parameters()),
+                sum(self.op_cost(n) for n in value.nodes), self.kernel_cost(b, value.kernel),
+                output=b.name))
+        self._erase(removed)
+        self.gm.delete_all_unused_submodules()
+        names = self._rename(pending)
+        report.regions = [replace(r, name=names[r.name][0], node=names[r.name][1])
+                          for r in report.regions]
+        seen = set()
+        for node, reason in plan.reasons.items():
+            if node.name in seen:
+                continue
+            seen.add(node.name)
+            op = self.ops.get(node)
+            report.leftovers.append(Leftover(node.name, op.kind if op else node.op, reason))
+        self.gm.recompile()
+        return report
+
+    def _params(self, nodes: set[fx.Node]) -> int:
+        seen: dict[int, int] = {}
+        for n in nodes:
+            op = self.ops.get(n)
+            if op is None:
+                continue
+            for key in ("weight", "bias", "mean", "var"):
+                t = op.attrs.get(key)
+                t = t if isinstance(t, torch.Tensor) or t is None else _fetch_node(self.gm, t)
+                if isinstance(t, torch.Tensor) and key in ("weight", "bias"):
+                    seen[id(t)] = t.numel()
+                elif isinstance(t, torch.Tensor) and op.kind == "batch_norm":
+                    seen[id(t)] = 0  # buffers, not parameters
+        return sum(seen.values())
+
+    def _module_name(self, node: fx.Node) -> str | None:
+        if node.op == "call_module":
+            return str(node.target)
+        op = self.ops.get(node)
+        weight = op.attrs.get("weight") if op else None
+        if isinstance(weight, fx.Node) and weight.op == "get_attr":
+            return str(weight.target).rsplit(".", 1)[0]
+        return None
+
+    def _erase(self, removed: set[fx.Node]) -> None:
+        for node in reversed(list(self.graph.nodes)):
+            if node.users or node.op in ("placeholder", "output"):
+                continue
+            if node in removed or node.op == "get_attr" or isinstance(self._consts.get(node),
+                                                                       Const):
+                self.graph.erase_node(node)
+
+    def _rename(self, pending: list[tuple[str, str, nn.Module]]) -> dict[str, tuple[str, str]]:
+        """Give each new module the name of the main branch it came from, where that is free.
+
+        Returns ``temp -> (module name, node name)``.
+        """
+        names = {}
+        taken = {name for name, _ in self.gm.named_modules()}
+        nodes = {n.target: n for n in self.graph.nodes if n.op == "call_module"}
+        for temp, base, module in pending:
+            name, i = base, 1
+            while name in taken or _has_attr(self.gm, name):
+                name = f"{base}_{i}"
+                i += 1
+            taken.add(name)
+            self.gm.delete_submodule(temp)
+            self.gm.add_submodule(name, module)
+            old = nodes[temp]
+            with self.graph.inserting_before(old):
+                new = self.graph.call_module(name, old.args)
+            new.meta = old.meta
+            old.replace_all_uses_with(new)
+            self.graph.erase_node(old)
+            names[temp] = (name, new.name)
+        return names
+
+
+def _order(node: fx.Node) -> int:
+    return node.meta.setdefault("_reparam_order", id(node))
+
+
+def _is_identity(k: Kernel) -> bool:
+    return (k.is_diagonal and not k.has_bias and bool(torch.all(k.weight == 1)))
+
+
+def _fetch(gm: nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _fetch_node(gm: nn.Module, node) -> torch.Tensor | None:
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        value = _fetch(gm, str(node.target))
+        return value if isinstance(value, torch.Tensor) else None
+    return None
+
+
+def _has_attr(gm: nn.Module, path: str) -> bool:
+    try:
+        _fetch(gm, path)
+    except AttributeError:
+        return False
+    return True
+
+
+def fold_graph(gm: fx.GraphModule, rules: Sequence[Rule], max_cost: float = 1.0) -> Report:
+    """Fold ``gm`` in place (shapes must already be propagated) and return the report."""
+    for i, node in enumerate(gm.graph.nodes):
+        node.meta["_reparam_order"] = i
+    folder = Folder(gm, rules, max_cost)
+    plan = folder.plan()
+    report = folder.materialize(plan)
+    for node in gm.graph.nodes:
+        node.meta.pop("_reparam_order", None)
+    return report

@@ -1,0 +1,41 @@
+"""Rules and rule sets. A rule set is a plain tuple of :class:`~reparam.values.Rule` values:
+concatenate them to build your own (``REPVGG + (my_rule,)``)."""
+
+from ..values import Rule, law, rule
+from .common import (
+    COMMON,
+    avg_pool_as_conv,
+    bn_conv,
+    concat_branches,
+    conv,
+    conv_bn,
+    identity_as_dirac,
+    identity_ops,
+    pad_small_kernel,
+    parallel_sum,
+    regroup,
+    scale_shift,
+    sequential_1x1_kxk,
+    sequential_kxk_1x1,
+    sequential_kxk_kxk,
+    zero_pad,
+)
+
+#: RepVGG and MobileOne: conv+BN, 1x1 padded into KxK, BN identity as a (grouped) Dirac kernel.
+REPVGG: tuple[Rule, ...] = COMMON + (pad_small_kernel, identity_as_dirac)
+#: ACNet: KxK, 1xK and Kx1 with BN, summed (asymmetric kernels padded into KxK).
+ACNET: tuple[Rule, ...] = COMMON + (pad_small_kernel,)
+#: Diverse Branch Block: adds sequential 1x1 -> KxK, 1x1 -> avg-pool, zero-pad, concat.
+DBB: tuple[Rule, ...] = COMMON + (
+    pad_small_kernel, identity_as_dirac, sequential_1x1_kxk, sequential_kxk_1x1,
+    avg_pool_as_conv, zero_pad, concat_branches,
+)
+#: Everything reparam knows (the default): DBB plus BN before a conv, regrouping, KxK then KxK.
+ALL: tuple[Rule, ...] = DBB + (bn_conv, regroup, sequential_kxk_kxk)
+
+__all__ = [
+    "ACNET", "ALL", "COMMON", "DBB", "REPVGG", "Rule", "avg_pool_as_conv", "bn_conv",
+    "concat_branches", "conv", "conv_bn", "identity_as_dirac", "identity_ops", "law",
+    "pad_small_kernel", "parallel_sum", "regroup", "rule", "scale_shift", "sequential_1x1_kxk",
+    "sequential_kxk_1x1", "sequential_kxk_kxk", "zero_pad",
+]

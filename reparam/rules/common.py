@@ -1,0 +1,331 @@
+"""The fold rules: one per op kind, each with its exactness condition beside it.
+
+A rule's docstring reads ``before => after`` and then when it is exact; the reference in the docs
+is generated from these docstrings. Laws without op kinds (``pad_small_kernel``, ...) are steps
+that rules take; a rule set that lacks one leaves the node unfolded and says which law was missing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import kernel as K
+from ..context import Context, Layout
+from ..kernel import Kernel, NotExact
+from ..ops import Op
+from ..values import Lin, NoFold, law, rule
+
+# --- laws that rules call on ------------------------------------------------------------------
+
+pad_small_kernel = law("pad_small_kernel", """
+    1x1, 1xK or Kx1 branch beside a KxK branch => zero taps around it, placed at tap offset
+    (p_big - p_small) / dilation. Exact when that offset is whole and the branches are aligned.
+""")
+identity_as_dirac = law("identity_as_dirac", """
+    x (or BN(x)) beside a conv on x => a Dirac kernel W[i, i % (C/g), centre] = 1, grouped like
+    the conv. Exact for stride 1 and equal channels, any groups dividing C.
+""")
+regroup = law("regroup", """
+    branches with groups g1 != g2 => block-diagonal kernels at gcd(g1, g2). Always exact; costs
+    multiply-adds, so the cost policy decides.
+""")
+bn_conv = law("bn_conv", """
+    BN (or any per-channel affine map) then conv => conv with scaled input channels and the shift
+    pushed into the bias. Exact when the conv reads no zero padding (padding 0, or a reflect,
+    replicate or circular padding mode) or the shift is zero.
+""")
+sequential_1x1_kxk = law("sequential_1x1_kxk", """
+    1x1 conv (stride 1) then KxK conv => one KxK conv (DBB's transform). Exact when the KxK is
+    unpadded, or its padding mode is not zeros, or the 1x1 has no bias; with a bias, the padding
+    must be filled with it (pad before the BN, as reparam's DBBlock does).
+""")
+sequential_kxk_1x1 = law("sequential_kxk_1x1", """
+    conv then 1x1 conv (padding 0) => one conv: W = W_B @ W_A over channels, b = W_B b_A + b_B,
+    stride s_A * s_B. Always exact. Also covers a linear layer after a linear layer.
+""")
+sequential_kxk_kxk = law("sequential_kxk_kxk", """
+    KxK conv then an unpadded conv => one larger conv with taps j * d_B * s_A + i * d_A. Exact
+    when the second conv is unpadded; usually dearer than the two, so the cost policy decides.
+""")
+
+
+def _exact(fn, *args):
+    try:
+        return fn(*args)
+    except NotExact as e:
+        raise NoFold(str(e)) from None
+
+
+# --- building kernels from ops ----------------------------------------------------------------
+
+def _conv_padding(padding, kernel_size, dilation) -> tuple[int, ...]:
+    if padding == "valid":
+        return (0,) * len(kernel_size)
+    if padding == "same":
+        totals = [d * (k - 1) for k, d in zip(kernel_size, dilation, strict=True)]
+        if any(t % 2 for t in totals):
+            raise NoFold("padding='same' with an even kernel pads one side more than the other")
+        return tuple(t // 2 for t in totals)
+    return tuple(padding)
+
+
+def conv_kernel(ctx: Context, op: Op) -> Kernel:
+    """The :class:`Kernel` of a conv/linear op, with its parameters in float64."""
+    a = op.attrs
+    weight = ctx.param(a["weight"])
+    if weight is None:
+        raise NoFold("the weight is computed at run time, not a parameter")
+    bias = ctx.param(a["bias"]) if a["bias"] is not None else None
+    if op.kind == "linear":
+        shape = ctx.shape(op.inputs[0])
+        channels_last = shape is not None and len(shape) > 2
+        bias = torch.zeros(weight.shape[0], dtype=weight.dtype) if bias is None else bias
+        return Kernel(weight, bias.to(weight.device), channels_last=channels_last)
+    nd = a["nd"]
+    if weight.dim() != nd + 2:
+        raise NoFold("the weight does not match the conv's dimensions")
+    stride, dilation = tuple(a["stride"]), tuple(a["dilation"])
+    kernel_size = tuple(weight.shape[2:])
+    padding = _conv_padding(a["padding"], kernel_size, dilation)
+    transposed = a["transposed"]
+    out = weight.shape[1] * a["groups"] if transposed else weight.shape[0]
+    if bias is None:
+        bias = torch.zeros(out, dtype=weight.dtype, device=weight.device)
+    return Kernel(weight, bias, stride, padding, dilation, a["groups"], a["padding_mode"],
+                  transposed=transposed, output_padding=tuple(a["output_padding"]))
+
+
+def _rank_layout(ctx: Context, arg) -> Layout | None:
+    """Channels-first layout of a tensor by its rank: BN, pools and pads read axis 1."""
+    shape = ctx.shape(arg)
+    if shape is None:
+        raise NoFold(f"the shape of '{arg}' is unknown (pass example_inputs to fold)")
+    return (max(len(shape) - 2, 0), False)
+
+
+# --- op rules ---------------------------------------------------------------------------------
+
+@rule("conv", "conv", "linear")
+def conv(ctx: Context, op: Op) -> Lin:
+    """A(x) -> conv => conv'(x). Starts a linear map at a conv, transposed conv or linear layer,
+    and composes it with the map before it through bn_conv or a sequential law, each with its own
+    exactness condition."""
+    k = conv_kernel(ctx, op)
+    x = ctx.lin(op.inputs[0], (k.nd, k.channels_last))
+    if x.is_source:
+        return ctx.result(k, x, rule="conv")
+    a = x.kernel
+    if a.is_diagonal:
+        ctx.require("bn_conv")
+    elif k.is_pointwise and not k.reads_padding:
+        ctx.require("sequential_kxk_1x1")
+    elif a.is_pointwise:
+        ctx.require("sequential_1x1_kxk")
+    else:
+        ctx.require("sequential_kxk_kxk")
+    return ctx.result(_exact(K.compose, a, k), x, rule="conv")
+
+
+@rule("conv_bn", "batch_norm")
+def conv_bn(ctx: Context, op: Op) -> Lin:
+    """A(x) -> BN => A'(x) with W * g / sqrt(v + eps) and (b - m) * g / sqrt(v + eps) + beta.
+    Always exact in eval mode. A BN on a tensor no linear op made is a per-channel affine map that
+    folds into its neighbours. BN with batch statistics (training mode, or no running statistics)
+    is not a fixed map and stays."""
+    a = op.attrs
+    if a["training"]:
+        raise NoFold("BN uses batch statistics (training mode or no running statistics), so it is "
+                     "not a fixed linear map")
+    mean, var = ctx.param(a["mean"]), ctx.param(a["var"])
+    if mean is None or var is None:
+        raise NoFold("BN running statistics are not constants")
+    gamma = ctx.param(a["weight"]) if a["weight"] is not None else None
+    beta = ctx.param(a["bias"]) if a["bias"] is not None else None
+    eps = a["eps"]
+    eps = float(ctx.const(eps) if not isinstance(eps, (int, float)) else eps)
+    x = ctx.lin(op.inputs[0], _rank_layout(ctx, op.inputs[0]))
+    return ctx.result(K.fuse_bn(x.kernel, mean, var, gamma, beta, eps), x, rule="conv_bn")
+
+
+@rule("scale_shift", "mul", "div", "add", "sub", "neg")
+def scale_shift(ctx: Context, op: Op) -> Lin | None:
+    """A(x) * c, A(x) / c, A(x) + c, A(x) - c, c - A(x), -A(x) => A'(x), c a scalar or one value
+    per channel (layer scale, MobileOne's scale branch weight). Always exact."""
+    if op.kind == "neg":
+        x = ctx.lin(op.inputs[0])
+        return ctx.result(K.scale_out(x.kernel, -1.0), x, rule="scale_shift")
+    first, second = op.inputs
+    const_first, const_second = ctx.is_const(first), ctx.is_const(second)
+    if const_first == const_second:
+        return None
+    tensor = second if const_first else first
+    layout = ctx.layout_of(tensor)
+    if layout is None:
+        raise NoFold(f"the shape of '{tensor}' is unknown")
+    x = ctx.lin(tensor, layout)
+    c = ctx.channel_vector(ctx.const(first if const_first else second), layout)
+    if c is None:
+        raise NoFold("the constant is not a scalar or one value per channel")
+    c = c.to(x.kernel.weight.device)
+    alpha = op.attrs.get("alpha", 1)
+    k = x.kernel
+    if op.kind == "mul":
+        out = K.scale_out(k, c)
+    elif op.kind == "div":
+        if const_first:
+            raise NoFold("c / x is not linear in x")
+        out = K.scale_out(k, 1.0 / c)
+    elif op.kind == "add":
+        out = K.scale_out(k, alpha, c) if const_first else K.scale_out(k, 1.0, alpha * c)
+    else:  # sub
+        out = K.scale_out(k, -alpha, c) if const_first else K.scale_out(k, 1.0, -alpha * c)
+    return ctx.result(out, x, rule="scale_shift")
+
+
+def _source_name(lin: Lin) -> str:
+    node = lin.source
+    if node.op == "placeholder":
+        return f"the input '{node.name}'"
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__",
+                                                                        str(node.target))
+    return f"'{node.name}' ({node.op} {target}, not linear)"
+
+
+def _branch_laws(ctx: Context, kernels: list[Kernel]) -> None:
+    """Require the laws a sum or concat of these kernels takes."""
+    convs = [k for k in kernels if not k.is_diagonal]
+    if convs and len(convs) < len(kernels):
+        ctx.require("identity_as_dirac")
+    if len({k.kernel_size for k in convs}) > 1:
+        ctx.require("pad_small_kernel")
+    if len({k.groups for k in convs}) > 1:
+        ctx.require("regroup")
+
+
+def _same_source(lins: list[Lin]) -> None:
+    first = lins[0]
+    for other in lins[1:]:
+        if other.source is not first.source:
+            raise NoFold(f"branches read different tensors, {_source_name(first)} and "
+                         f"{_source_name(other)}: the sum is not one linear map of one input")
+
+
+@rule("parallel_sum", "add", "sub")
+def parallel_sum(ctx: Context, op: Op) -> Lin | None:
+    """A(x) + B(x) (or A(x) - B(x)) => (A + B)(x): kernels summed after aligning their taps.
+    Exact when both read the same input with the same stride and alignment (padding -
+    dilation * (k - 1) / 2 per axis) and agree on padding mode where they read padding; takes
+    pad_small_kernel, identity_as_dirac and regroup when the branches need them."""
+    first, second = op.inputs
+    if ctx.is_const(first) or ctx.is_const(second):
+        return None
+    shapes = {ctx.shape(first), ctx.shape(second), ctx.shape(ctx.node)}
+    if len(shapes) != 1 or None in shapes:
+        raise NoFold("the operands have different (broadcast) or unknown shapes")
+    layout = ctx.layout_of(first) if isinstance(ctx.value(first), Lin) else ctx.layout_of(second)
+    a, b = ctx.lin(first, layout), ctx.lin(second, layout)
+    _same_source([a, b])
+    alpha = op.attrs.get("alpha", 1)
+    kb = b.kernel if alpha == 1 and op.kind == "add" else K.scale_out(
+        b.kernel, -alpha if op.kind == "sub" else alpha)
+    _branch_laws(ctx, [a.kernel, kb])
+    return ctx.result(_exact(K.add, [a.kernel, kb]), a, b, rule="parallel_sum")
+
+
+@rule("concat_branches", "cat")
+def concat_branches(ctx: Context, op: Op) -> Lin | None:
+    """cat([A(x), B(x)], channels) => [A; B](x): kernels stacked after aligning their taps.
+    Exact under the conditions of parallel_sum; grouped branches are made dense (regroup)."""
+    tensors = list(op.inputs)
+    if not tensors or any(ctx.is_const(t) for t in tensors):
+        return None
+    out = ctx.shape(ctx.node)
+    if out is None:
+        raise NoFold("the output shape is unknown")
+    linear = [t for t in tensors if isinstance(ctx.value(t), Lin)]
+    layout = ctx.layout_of(linear[0] if linear else tensors[0])
+    axis = len(out) - 1 if layout[1] or len(out) == 2 else 1
+    if op.attrs["dim"] % len(out) != axis:
+        raise NoFold("cat along an axis other than channels")
+    lins = [ctx.lin(t, layout) for t in tensors]
+    _same_source(lins)
+    kernels = [lin.kernel for lin in lins]
+    _branch_laws(ctx, kernels)
+    if any(k.groups > 1 for k in kernels):
+        ctx.require("regroup")
+    return ctx.result(_exact(K.concat, kernels), *lins, rule="concat_branches")
+
+
+@rule("avg_pool_as_conv", "avg_pool")
+def avg_pool_as_conv(ctx: Context, op: Op) -> Lin:
+    """A(x) -> avgpool(K, s, p) => A'(x) with a depthwise 1/K^d kernel composed in. Exact when
+    padded zeros count in the divisor (count_include_pad, or padding 0, or divisor_override) and
+    ceil_mode adds no partial window (stride 1)."""
+    a = op.attrs
+    nd = a["nd"]
+    if a["ceil_mode"] and any(s != 1 for s in a["stride"]):
+        raise NoFold("avg-pool with ceil_mode may add a partial window at the border")
+    if any(a["padding"]) and not a["count_include_pad"] and not a["divisor_override"]:
+        raise NoFold("avg-pool with count_include_pad=False divides border windows by fewer "
+                     "pixels: not a convolution")
+    x = ctx.lin(op.inputs[0], (nd, False))
+    channels = x.kernel.out_channels
+    pool = K.avg_pool(channels, a["kernel_size"], a["stride"], a["padding"],
+                      device=x.kernel.weight.device)
+    if a["divisor_override"]:
+        pool = K.scale_out(pool, math.prod(a["kernel_size"]) / a["divisor_override"])
+    if x.is_source:
+        return ctx.result(pool, x, rule="avg_pool_as_conv")
+    return ctx.result(_exact(K.compose, x.kernel, pool), x, rule="avg_pool_as_conv")
+
+
+@rule("zero_pad", "pad")
+def zero_pad(ctx: Context, op: Op) -> Lin:
+    """pad(A(x)) => A'(x) with a larger padding. Exact when A is pointwise and either the pad is
+    zeros and A has no bias (its output at the border is 0), or the pad is reflect, replicate or
+    circular and A had no padding (those commute with a per-channel map). The pad must be
+    symmetric per axis."""
+    a = op.attrs
+    layout = _rank_layout(ctx, op.inputs[0])
+    nd = layout[0]
+    pad = a["pad"]
+    if len(pad) % 2 or len(pad) // 2 > nd or any(p < 0 for p in pad):
+        raise NoFold("the pad does not cover the spatial axes only")
+    per_axis = [0] * nd
+    for i in range(len(pad) // 2):
+        left, right = pad[2 * i], pad[2 * i + 1]
+        if left != right:
+            raise NoFold("an asymmetric pad cannot become a conv's padding")
+        per_axis[nd - 1 - i] = left
+    mode = {"constant": "zeros"}.get(a["mode"], a["mode"])
+    if mode == "zeros" and a["value"] not in (0, 0.0, None):
+        raise NoFold("a pad with a non-zero constant is not a conv's zero padding")
+    x = ctx.lin(op.inputs[0], layout)
+    k = x.kernel
+    if not k.is_pointwise:
+        raise NoFold(f"padding the output of {k.geometry()} adds zeros that a single conv on the "
+                     "input would not produce")
+    if mode == "zeros":
+        if k.has_bias:
+            raise NoFold("a biased map is zero-padded: the border would not be zero")
+        if k.reads_padding and k.padding_mode != "zeros":
+            raise NoFold("padding modes disagree")
+        padding = tuple(p + q for p, q in zip(k.padding, per_axis, strict=True))
+    else:
+        if k.reads_padding:
+            raise NoFold("padding modes disagree")
+        padding = tuple(per_axis)
+    return ctx.result(Kernel(k.weight, k.bias, k.stride, padding, k.dilation, k.groups, mode,
+                             k.channels_last), x, rule="zero_pad")
+
+
+@rule("identity_ops", "identity")
+def identity_ops(ctx: Context, op: Op) -> Lin:
+    """Identity, Dropout (eval), contiguous, clone => nothing. Always exact."""
+    x = ctx.lin(op.inputs[0], ctx.layout_of(op.inputs[0]))
+    return ctx.result(x.kernel, x, rule="identity_ops")
+
+
+COMMON = (conv, conv_bn, scale_shift, identity_ops, parallel_sum)

@@ -1,0 +1,173 @@
+"""Tracing a copy of the caller's model, shape propagation, and example inputs.
+
+The caller's model is never traced itself: tracing can write into it (LeViT caches a Proxy in its
+attention-bias cache). A *light copy* shares parameter and buffer tensors with the original and
+copies everything else; nothing reparam does writes into those tensors, and the folded model gets
+its own copies of the ones it keeps (:func:`own_tensors`).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import fx, nn
+
+from .errors import ReparamError, TraceError
+
+
+def light_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` that shares its parameter and buffer tensors."""
+    memo = {id(t): t for t in model.parameters()}
+    memo.update({id(t): t for t in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
+def own_tensors(folded: nn.Module, original: nn.Module) -> None:
+    """Replace every tensor ``folded`` still shares with ``original`` by a copy."""
+    shared = {id(t) for t in original.parameters()} | {id(t) for t in original.buffers()}
+    for module in folded.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and id(p) in shared:
+                module._parameters[name] = nn.Parameter(p.detach().clone(), p.requires_grad)
+        for name, b in list(module._buffers.items()):
+            if b is not None and id(b) in shared:
+                module._buffers[name] = b.detach().clone()
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, leaves: set[str]) -> None:
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+
+
+def trace(make_copy: Callable[[], nn.Module], leaf_modules: Iterable[str] = ()
+          ) -> tuple[fx.GraphModule, list[tuple[str, str]]]:
+    """Trace a fresh copy of the model; a submodule that fails to trace becomes a leaf, retried.
+
+    Returns the graph module and the ``(path, reason)`` of each submodule made a leaf. Raises
+    :class:`TraceError` when the top-level module itself does not trace.
+    """
+    leaves = set(leaf_modules)
+    untraced: list[tuple[str, str]] = []
+    for _ in range(1000):
+        root = make_copy()
+        tracer = _Tracer(leaves)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                graph = tracer.trace(root)
+        except Exception as e:  # noqa: BLE001 - any failure inside user code
+            stack = list(tracer.module_stack.values())
+            path = stack[-1][0] if stack else ""
+            why = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            if not path or path in leaves:
+                raise TraceError(
+                    f"{type(root).__name__} does not trace with torch.fx ({why}). Fold its "
+                    "submodules one by one, or pass leaf_modules=[...] naming the parts that "
+                    "cannot be traced."
+                ) from e
+            leaves.add(path)
+            untraced.append((path, why))
+            continue
+        return fx.GraphModule(tracer.root, graph, type(root).__name__), untraced
+    raise TraceError("too many untraceable submodules")  # pragma: no cover
+
+
+def as_inputs(example_inputs) -> tuple | None:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs)
+    raise ReparamError("example_inputs must be a tensor or a tuple of tensors")
+
+
+_FIRST_OPS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, nn.ConvTranspose1d: 1,
+              nn.ConvTranspose2d: 2, nn.ConvTranspose3d: 3, nn.BatchNorm1d: 1,
+              nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
+
+
+def guess_inputs(model: nn.Module, gm: fx.GraphModule) -> tuple:
+    """A plausible input when the caller gave none: timm's ``input_size`` or the first layer's."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise ReparamError(
+            f"{type(model).__name__}.forward takes {len(placeholders)} inputs; pass "
+            "example_inputs=(...) to fold"
+        )
+    param = next(iter(model.parameters()), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    device = param.device if param is not None else None
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        return (torch.randn(1, *cfg["input_size"], dtype=dtype, device=device),)
+    modules = dict(gm.named_modules())
+    frontier = list(placeholders[0].users)
+    for _ in range(64):
+        if not frontier:
+            break
+        node = frontier.pop(0)
+        m = modules.get(str(node.target)) if node.op == "call_module" else None
+        if m is not None and type(m) in _FIRST_OPS:
+            nd = _FIRST_OPS[type(m)]
+            channels = getattr(m, "in_channels", None) or getattr(m, "num_features", None)
+            size = 64 if nd < 3 else 16
+            return (torch.randn(2, channels, *([size] * nd), dtype=dtype, device=device),)
+        if isinstance(m, nn.Linear):
+            return (torch.randn(2, m.in_features, dtype=dtype, device=device),)
+        if node.op == "call_function" and getattr(node.target, "__name__", "").startswith(
+            "conv"
+        ) and len(node.args) > 1 and isinstance(node.args[1], fx.Node):
+            w = _attr(gm, node.args[1])
+            if isinstance(w, torch.Tensor):
+                nd = w.dim() - 2
+                return (torch.randn(2, w.shape[1], *([64] * nd), dtype=dtype, device=device),)
+        frontier.extend(node.users)
+    raise ReparamError(
+        f"reparam could not guess an input for {type(model).__name__}; pass "
+        "example_inputs=(torch.randn(...),) to fold"
+    )
+
+
+def _attr(gm: nn.Module, node: fx.Node):
+    if node.op != "get_attr":
+        return None
+    obj = gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def propagate_shapes(gm: fx.GraphModule, inputs: tuple) -> None:
+    """Record every node's output shape and dtype in ``node.meta``, without real compute."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    try:
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake)
+        return
+    except Exception:  # noqa: BLE001 - fall back to a real run
+        for node in gm.graph.nodes:
+            node.meta.pop("val", None)
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ShapeProp(gm).propagate(*inputs)
+    except Exception as e:  # noqa: BLE001
+        raise ReparamError(
+            f"running the traced model on example inputs failed ({type(e).__name__}: {e}); "
+            "pass example_inputs that the model accepts"
+        ) from e
