@@ -52,10 +52,13 @@ def count_ops(gm: fx.GraphModule) -> dict[str, int]:
     """How many conv, linear, batch_norm, add, ... nodes a traced graph has."""
     modules = dict(gm.named_modules())
     counts: Counter[str] = Counter()
+    data: set[fx.Node] = set()  # nodes computed from the inputs (not constant arithmetic)
     for node in gm.graph.nodes:
-        op = describe(node, modules)
-        if op is not None:
-            counts[op.kind] += 1
+        if node.op == "placeholder" or any(i in data for i in node.all_input_nodes):
+            data.add(node)
+            op = describe(node, modules)
+            if op is not None:
+                counts[op.kind] += 1
     return dict(counts)
 
 
@@ -128,8 +131,8 @@ def _fold_children(model: nn.Module, inputs, rules, max_cost: float, why: str):
     report = Report(untraced=[("", why)])
     captured = _capture_child_inputs(root, inputs)
     for name, child in list(root.named_children()):
-        args = captured.get(name)
-        if args is None or not _parameterized(child):
+        args = captured.get(name)  # None: not reached by the example input; guessed instead
+        if not _parameterized(child):
             continue
         try:
             folded, sub, _ = _fold_module(child, args, rules, max_cost, ())
@@ -199,8 +202,8 @@ def _fold_inside(gm: fx.GraphModule, path: str, captured: dict[str, tuple] | Non
     for module in leaf.modules():
         module._forward_pre_hooks.clear()
     for name, child in list(leaf.named_children()):
-        args = (captured or {}).get(name)
-        if args is None or not _parameterized(child):
+        args = (captured or {}).get(name)  # None: not reached by the example input
+        if not _parameterized(child):
             continue
         try:
             folded, sub, _ = _fold_module(child, args, rules, max_cost, ())

@@ -98,13 +98,13 @@ class Kernel:
         extra = "" if all(s == 1 for s in self.stride) else ",s" + "x".join(map(str, self.stride))
         return f"{name}{k}({self.in_channels}->{self.out_channels}{extra},g{self.groups})"
 
-    def macs(self, out_positions: int) -> int:
-        """Multiply-adds for one sample: ``out_positions`` is the output size of one channel."""
+    def macs(self, positions: int) -> int:
+        """Multiply-adds for one sample: ``positions`` is the output size of one channel (the
+        input size for a transposed conv, which scatters every input position into its taps)."""
         taps = math.prod(self.kernel_size)
-        per_out = (self.in_channels // self.groups) * taps
-        if self.transposed:  # every input position scatters into taps outputs
-            return self.in_channels * (self.out_channels // self.groups) * taps * out_positions
-        return self.out_channels * per_out * out_positions
+        if self.transposed:
+            return self.in_channels * (self.out_channels // self.groups) * taps * positions
+        return self.out_channels * (self.in_channels // self.groups) * taps * positions
 
 
 # ---------------------------------------------------------------------------------------------

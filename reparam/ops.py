@@ -150,7 +150,7 @@ def _binary(kind: str) -> Callable[[dict], Op]:
 
 
 def _pad_fn(b: dict) -> Op:
-    return Op("pad", (b["input"],), dict(pad=tuple(b["pad"]), mode=b["mode"] or "constant",
+    return Op("pad", (b["input"],), dict(pad=b["pad"], mode=b["mode"] or "constant",
                                          value=b["value"] or 0.0))
 
 

@@ -61,6 +61,9 @@ class Folder:
             target = mutated_input(n, self.modules)
             if target is not None:
                 self.mutated.add(target)
+        for n in self.graph.nodes:
+            n.meta["_reparam_what"] = _what(n, self.modules)
+            n.meta["_reparam_linear"] = self.ops[n] is not None
         self.forced: dict[fx.Node, str] = {}
         self._consts: dict[fx.Node, Value] = {}
 
@@ -131,6 +134,8 @@ class Folder:
             elif node in self.forced:
                 values[node] = OPAQUE
                 reasons[node] = self.forced[node]
+            elif _is_rank_query(node):
+                values[node] = Const(len(shape_of(node.args[0])))
             else:
                 inputs = node.all_input_nodes
                 if node.op != "call_module" and all(
@@ -154,6 +159,8 @@ class Folder:
                 continue
             for user in node.users:
                 uv = plan.values.get(user)
+                if _is_rank_query(user):
+                    continue  # reads the layout only, which the folded node keeps
                 if not (isinstance(uv, Lin) and node in uv.nodes):
                     new.add(node)
                     break
@@ -189,14 +196,12 @@ class Folder:
             return _per_sample(out) * math.prod(op.attrs["kernel_size"])
         return _per_sample(out)
 
-    def kernel_cost(self, node: fx.Node, k: Kernel) -> int:
-        out = shape_of(node)
-        if out is None:
-            return 0
-        if k.transposed:
-            src_positions = _per_sample(out) // max(k.out_channels, 1)
-            return k.macs(src_positions)  # bound; transposed regions are conv + affine only
-        return k.macs(_per_sample(out) // max(k.out_channels, 1))
+    def kernel_cost(self, node: fx.Node, value: Lin) -> int:
+        """Multiply-adds of the folded kernel, per sample."""
+        k = value.kernel
+        if k.transposed:  # a transposed conv scatters from every input position
+            return k.macs(_per_sample(shape_of(value.source)) // max(k.in_channels, 1))
+        return k.macs(_per_sample(shape_of(node)) // max(k.out_channels, 1))
 
     def _too_dear(self, plan: Plan) -> dict[fx.Node, str]:
         out = {}
@@ -205,7 +210,7 @@ class Folder:
             if not isinstance(value, Lin) or len(value.nodes) < 2 or _is_identity(value.kernel):
                 continue
             before = sum(self.op_cost(n) for n in value.nodes)
-            after = self.kernel_cost(b, value.kernel)
+            after = self.kernel_cost(b, value)
             if after > before * self.max_cost:
                 out[b] = (f"folding {len(value.nodes)} ops into {value.kernel.geometry()} would "
                           f"cost {after:,} multiply-adds, more than the {before:,} they cost now "
@@ -213,15 +218,20 @@ class Folder:
         return out
 
     def plan(self) -> Plan:
+        """Re-walk until the barriers are stable. Reasons come from the first walk, where every
+        region is as large as it can be (later walks read barriers as opaque sources)."""
         barriers: set[fx.Node] = set()
+        first: dict[fx.Node, str] | None = None
         for _ in range(10_000):
             plan = self.interpret(barriers)
+            first = plan.reasons if first is None else first
             new = self._escaping(plan)
             if new:
                 barriers |= new
                 continue
             dear = self._too_dear(plan)
             if not dear:
+                plan.reasons = {**first, **self.forced}
                 return plan
             self.forced.update(dear)
             barriers -= set(dear)
@@ -232,12 +242,15 @@ class Folder:
         report = Report()
         removed: set[fx.Node] = set()
         pending: list[tuple[str, str, nn.Module]] = []
+        done: dict[fx.Node, fx.Node] = {}  # barrier -> the node that now computes it
         for b in [n for n in self.graph.nodes if n in plan.barriers]:
             value = plan.values[b]
             if not isinstance(value, Lin):
                 continue
+            source = done.get(value.source, value.source)
             if _is_identity(value.kernel) and value.source is not b:
-                b.replace_all_uses_with(value.source)
+                b.replace_all_uses_with(source)
+                done[b] = source
                 removed |= value.nodes
                 continue
             if len(value.nodes) < 2:
@@ -249,17 +262,24 @@ class Folder:
             temp = f"_reparam_tmp_{len(pending)}"
             self.gm.add_submodule(temp, module)
             with self.graph.inserting_before(b):
-                new = self.graph.call_module(temp, (value.source,))
+                new = self.graph.call_module(temp, (source,))
             new.meta = dict(b.meta)
             b.replace_all_uses_with(new)
+            done[b] = new
             removed |= value.nodes
             pending.append((temp, base, module))
             replaced = tuple(n.name for n in sorted(value.nodes, key=_order))
             report.regions.append(Region(
                 temp, replaced, value.rules, value.kernel.geometry(),
                 self._params(value.nodes), sum(p.numel() for p in module.parameters()),
-                sum(self.op_cost(n) for n in value.nodes), self.kernel_cost(b, value.kernel),
+                sum(self.op_cost(n) for n in value.nodes), self.kernel_cost(b, value),
                 output=b.name))
+        for node in [n for n in self.graph.nodes if _is_rank_query(n)]:
+            x = node.args[0]
+            if x in removed:  # the folded region keeps the rank: ask its source
+                source = next(plan.values[b].source for b in plan.barriers
+                              if isinstance(plan.values[b], Lin) and x in plan.values[b].nodes)
+                node.replace_input_with(x, done.get(source, source))
         self._erase(removed)
         self.gm.delete_all_unused_submodules()
         names = self._rename(pending)
@@ -303,8 +323,8 @@ class Folder:
         for node in reversed(list(self.graph.nodes)):
             if node.users or node.op in ("placeholder", "output"):
                 continue
-            if node in removed or node.op == "get_attr" or isinstance(self._consts.get(node),
-                                                                       Const):
+            if (node in removed or node.op == "get_attr" or _is_rank_query(node)
+                    or isinstance(self._consts.get(node), Const)):
                 self.graph.erase_node(node)
 
     def _rename(self, pending: list[tuple[str, str, nn.Module]]) -> dict[str, tuple[str, str]]:
@@ -331,6 +351,27 @@ class Folder:
             self.graph.erase_node(old)
             names[temp] = (name, new.name)
         return names
+
+
+def _what(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    """What a node computes, in a word: the module's class or the function's name."""
+    if node.op == "call_module":
+        module = modules.get(str(node.target))
+        return type(module).__name__ if module is not None else str(node.target)
+    if node.op in ("call_function", "call_method"):
+        return getattr(node.target, "__name__", str(node.target))
+    return node.op
+
+
+def _is_rank_query(node: fx.Node) -> bool:
+    """``x.dim()`` or ``x.ndim``: fixed by the traced layout, safe to read as a constant."""
+    x = node.args[0] if node.args else None
+    if not isinstance(x, fx.Node) or shape_of(x) is None:
+        return False
+    if node.op == "call_method" and node.target in ("dim", "ndimension") and len(node.args) == 1:
+        return True
+    return (node.op == "call_function" and node.target is getattr and len(node.args) == 2
+            and node.args[1] == "ndim")
 
 
 def _order(node: fx.Node) -> int:
@@ -372,4 +413,6 @@ def fold_graph(gm: fx.GraphModule, rules: Sequence[Rule], max_cost: float = 1.0)
     report = folder.materialize(plan)
     for node in gm.graph.nodes:
         node.meta.pop("_reparam_order", None)
+        node.meta.pop("_reparam_what", None)
+        node.meta.pop("_reparam_linear", None)
     return report

@@ -188,9 +188,10 @@ def _source_name(lin: Lin) -> str:
     node = lin.source
     if node.op == "placeholder":
         return f"the input '{node.name}'"
-    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__",
-                                                                        str(node.target))
-    return f"'{node.name}' ({node.op} {target}, not linear)"
+    what = node.meta.get("_reparam_what", node.op)
+    if node.meta.get("_reparam_linear"):
+        return f"'{node.name}' ({what}, where another linear region ends)"
+    return f"'{node.name}' ({what}, not linear)"
 
 
 def _branch_laws(ctx: Context, kernels: list[Kernel]) -> None:
@@ -290,7 +291,11 @@ def zero_pad(ctx: Context, op: Op) -> Lin:
     a = op.attrs
     layout = _rank_layout(ctx, op.inputs[0])
     nd = layout[0]
-    pad = a["pad"]
+    pad = ctx.const(a["pad"])
+    if isinstance(pad, (list, tuple)):
+        pad = [ctx.const(p) for p in pad]
+    if not isinstance(pad, (list, tuple)) or not all(isinstance(p, int) for p in pad):
+        raise NoFold("the pad amounts are not constants")
     if len(pad) % 2 or len(pad) // 2 > nd or any(p < 0 for p in pad):
         raise NoFold("the pad does not cover the spatial axes only")
     per_axis = [0] * nd
