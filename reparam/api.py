@@ -182,15 +182,15 @@ def _capture_leaf_inputs(gm: fx.GraphModule, paths: list[str]) -> dict[str, dict
             continue
         store[path] = {}
         for name, child in leaf.named_children():
-            child.register_forward_pre_hook(_fake_recorder(store[path], name))
+            child.register_forward_pre_hook(_leaf_recorder(store[path], name))
     return store
 
 
-def _fake_recorder(store: dict, name: str):
+def _leaf_recorder(store: dict, name: str):
     def hook(module, args):
         if name in store or not all(isinstance(a, torch.Tensor) for a in args):
             return
-        store[name] = tuple(torch.randn(a.shape, dtype=a.dtype) for a in args)
+        store[name] = tuple(a.detach().clone() for a in args)
 
     return hook
 

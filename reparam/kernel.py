@@ -228,13 +228,12 @@ def regroup(k: Kernel, groups: int) -> Kernel:
     ratio = k.groups // groups
     out, per_in = k.out_channels, k.in_channels // k.groups
     per_out = out // k.groups
-    w = torch.zeros(out, per_in * ratio, *k.kernel_size, dtype=k.weight.dtype,
-                    device=k.weight.device)
-    for q in range(k.groups):
-        local = q % ratio
-        w[q * per_out:(q + 1) * per_out, local * per_in:(local + 1) * per_in] = (
-            k.weight[q * per_out:(q + 1) * per_out]
-        )
+    w = torch.zeros(groups, ratio, per_out, ratio, per_in, *k.kernel_size,
+                    dtype=k.weight.dtype, device=k.weight.device)
+    # old group q = g * ratio + r lands on the block (r, r) of new group g
+    w.diagonal(dim1=1, dim2=3).copy_(
+        k.weight.reshape(groups, ratio, per_out, per_in, *k.kernel_size).movedim(1, -1))
+    w = w.reshape(out, ratio * per_in, *k.kernel_size)
     return replace(k, weight=w, groups=groups)
 
 
@@ -272,8 +271,24 @@ def _same_layout(kernels: Sequence[Kernel]) -> None:
             raise NotExact(f"branches have different strides {first.stride} and {k.stride}")
 
 
-def _common_geometry(kernels: Sequence[Kernel]) -> tuple[list[Kernel], tuple, tuple, str]:
-    """Bring all kernels to one size, padding and dilation, placing each at its own tap offset.
+@dataclass(frozen=True)
+class _Common:
+    """The shared geometry of aligned branches and each branch's tap offset in it."""
+
+    size: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    mode: str
+    offsets: tuple[tuple[int, ...], ...]
+
+    def place(self, k: Kernel, offset: tuple[int, ...]) -> Kernel:
+        placed = pad_kernel(k, self.size, offset)
+        return replace(placed, padding=self.padding, dilation=self.dilation,
+                       padding_mode=self.mode)
+
+
+def _common_geometry(kernels: Sequence[Kernel]) -> _Common:
+    """One size, padding and dilation for all kernels, and each kernel's tap offset in it.
 
     Branch ``i`` reads input offsets ``-p_i + j * d`` (``j < k_i``). They share one kernel when
     the dilations agree (a 1-tap axis takes any), every offset lies on that grid, and the summed
@@ -288,7 +303,9 @@ def _common_geometry(kernels: Sequence[Kernel]) -> tuple[list[Kernel], tuple, tu
                 ref.kernel_size, ref.padding, ref.dilation, ref.output_padding, ref.stride
             ):
                 raise NotExact("transposed convs are summed only with identical geometry")
-        return list(kernels), ref.padding, ref.dilation, ref.padding_mode
+        zero = (0,) * nd
+        return _Common(ref.kernel_size, ref.padding, ref.dilation, ref.padding_mode,
+                       tuple(zero for _ in kernels))
     modes = {k.padding_mode for k in kernels if k.reads_padding}
     if len(modes) > 1:
         raise NotExact(
@@ -318,12 +335,8 @@ def _common_geometry(kernels: Sequence[Kernel]) -> tuple[list[Kernel], tuple, tu
         sizes.append((end + big_p) // d + 1)
         for i, p in enumerate(ps):
             offsets[i].append((big_p - p) // d)
-    out = []
-    for k, off in zip(kernels, offsets, strict=True):
-        placed = pad_kernel(k, sizes, off)
-        out.append(replace(placed, padding=tuple(padding), dilation=tuple(dilation),
-                           padding_mode=mode))
-    return out, tuple(padding), tuple(dilation), mode
+    return _Common(tuple(sizes), tuple(padding), tuple(dilation), mode,
+                   tuple(tuple(o) for o in offsets))
 
 
 def add(kernels: Sequence[Kernel]) -> Kernel:
@@ -336,12 +349,21 @@ def add(kernels: Sequence[Kernel]) -> Kernel:
     out_c = {k.out_channels for k in kernels}
     if len(out_c) > 1:
         raise NotExact(f"branches have different output channels {sorted(out_c)}")
-    placed, _, _, _ = _common_geometry(kernels)
-    groups = math.gcd(*[k.groups for k in placed])
-    placed = [regroup(k, groups) for k in placed]
-    weight = torch.stack([k.weight for k in placed]).sum(0)
-    bias = torch.stack([k.bias for k in placed]).sum(0)
-    return replace(placed[0], weight=weight, bias=bias)
+    common = _common_geometry(kernels)
+    groups = math.gcd(*[k.groups for k in kernels])
+    # start from a branch that already has the full size and grouping (no zero padding copy),
+    # then add every other branch into its own taps
+    order = sorted(range(len(kernels)), key=lambda i: (
+        kernels[i].kernel_size != common.size or kernels[i].groups != groups))
+    first = regroup(common.place(kernels[order[0]], common.offsets[order[0]]), groups)
+    weight, bias = first.weight.clone(), first.bias.clone()
+    for i in order[1:]:
+        k = regroup(kernels[i], groups)
+        index = (slice(None), slice(None)) + tuple(
+            slice(o, o + s) for o, s in zip(common.offsets[i], k.kernel_size, strict=True))
+        weight[index] += k.weight
+        bias += k.bias
+    return replace(first, weight=weight, bias=bias)
 
 
 def concat(kernels: Sequence[Kernel]) -> Kernel:
@@ -352,7 +374,8 @@ def concat(kernels: Sequence[Kernel]) -> Kernel:
     _same_layout(kernels)
     if kernels[0].transposed:
         raise NotExact("concatenating transposed convs is not supported")
-    placed, _, _, _ = _common_geometry(kernels)
+    common = _common_geometry(kernels)
+    placed = [common.place(k, off) for k, off in zip(kernels, common.offsets, strict=True)]
     if len({k.groups for k in placed}) == 1 and placed[0].groups == 1:
         dense = placed
     else:

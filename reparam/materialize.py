@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 
 from .kernel import Kernel, regroup
 
@@ -18,21 +21,21 @@ def to_module(k: Kernel, dtype: torch.dtype, device: torch.device | None = None)
     """
     device = device if device is not None else k.weight.device
     has_bias = k.has_bias
+    make = partial(skip_init, device=device, dtype=dtype)  # no random init to overwrite
     if k.nd == 0:
         dense = regroup(k, 1)
-        module = nn.Linear(k.in_channels, k.out_channels, bias=has_bias)
+        module = make(nn.Linear, k.in_channels, k.out_channels, bias=has_bias)
         weight = dense.weight
     elif k.transposed:
-        module = _CONV_T[k.nd](k.in_channels, k.out_channels, k.kernel_size, k.stride, k.padding,
-                               k.output_padding, k.groups, has_bias, k.dilation)
+        module = make(_CONV_T[k.nd], k.in_channels, k.out_channels, k.kernel_size, k.stride,
+                      k.padding, k.output_padding, k.groups, has_bias, k.dilation)
         weight = k.weight
     else:
-        module = _CONV[k.nd](k.in_channels, k.out_channels, k.kernel_size, k.stride, k.padding,
-                             k.dilation, k.groups, has_bias, k.padding_mode)
+        module = make(_CONV[k.nd], k.in_channels, k.out_channels, k.kernel_size, k.stride,
+                      k.padding, k.dilation, k.groups, has_bias, k.padding_mode)
         weight = k.weight
-    module = module.to(device=device, dtype=dtype)
     with torch.no_grad():
-        module.weight.copy_(weight.to(dtype))
+        module.weight.copy_(weight)  # copy_ casts float64 to the model's dtype
         if has_bias:
-            module.bias.copy_(k.bias.to(dtype))
+            module.bias.copy_(k.bias)
     return module.eval()

@@ -66,6 +66,10 @@ class Folder:
             n.meta["_reparam_linear"] = self.ops[n] is not None
         self.forced: dict[fx.Node, str] = {}
         self._consts: dict[fx.Node, Value] = {}
+        # node -> (identity of its inputs' values and barrier flags, its value, its reason):
+        # a re-walk recomputes only nodes whose inputs changed
+        self._memo: dict[fx.Node, tuple] = {}
+        self._keep: list[dict] = []  # earlier walks' values, so their ids stay unique
 
     # --- values ------------------------------------------------------------------------------
     def _const(self, node: fx.Node, values: dict[fx.Node, Value]) -> Value:
@@ -125,12 +129,15 @@ class Folder:
 
     def interpret(self, barriers: set[fx.Node]) -> Plan:
         values: dict[fx.Node, Value] = {}
+        self._keep.append(values)
         reasons: dict[fx.Node, str] = {}
         for node in self.graph.nodes:
             if node.op == "placeholder" or node.op == "output":
                 values[node] = OPAQUE
             elif node.op == "get_attr":
-                values[node] = Const(_fetch(self.gm, str(node.target)))
+                if node not in self._consts:
+                    self._consts[node] = Const(_fetch(self.gm, str(node.target)))
+                values[node] = self._consts[node]
             elif node in self.forced:
                 values[node] = OPAQUE
                 reasons[node] = self.forced[node]
@@ -144,8 +151,18 @@ class Folder:
                     values[node] = self._const(node, values)
                     continue
                 op = self.ops[node]
-                values[node] = OPAQUE if op is None else self._fold_node(
-                    node, op, values, barriers, reasons)
+                if op is None:
+                    values[node] = OPAQUE
+                    continue
+                key = tuple((id(values.get(i)), i in barriers) for i in inputs)
+                memo = self._memo.get(node)
+                if memo is not None and memo[0] == key:
+                    values[node] = memo[1]
+                    if memo[2] is not None:
+                        reasons[node] = memo[2]
+                    continue
+                values[node] = self._fold_node(node, op, values, barriers, reasons)
+                self._memo[node] = (key, values[node], reasons.get(node))
         return Plan(values, barriers, reasons)
 
     # --- where regions end ---------------------------------------------------------------------

@@ -38,12 +38,42 @@ def own_tensors(folded: nn.Module, original: nn.Module) -> None:
 
 
 class _Tracer(fx.Tracer):
+    """torch.fx's tracer with leaf modules, and parameter names looked up in a table (torch's
+    default scans every parameter for every attribute read: quadratic on large models)."""
+
     def __init__(self, leaves: set[str]) -> None:
         super().__init__()
         self.leaves = leaves
+        self._names: dict[int, str] | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return qualname in self.leaves or super().is_leaf_module(m, qualname)
+
+    def _name_of(self, t: torch.Tensor) -> str | None:
+        if self._names is None:
+            self._names = {}
+            for name, b in self.root.named_buffers():
+                self._names.setdefault(id(b), name)
+            for name, p in self.root.named_parameters():
+                self._names[id(p)] = name  # a parameter's own name wins, as in torch
+        return self._names.get(id(t))
+
+    def create_arg(self, a):
+        if isinstance(a, torch.Tensor):
+            name = self._name_of(a)
+            if name is not None:
+                return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
+
+    def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict):
+        if not isinstance(attr_val, torch.Tensor):
+            return attr_val
+        name = self._name_of(attr_val)
+        if name is None:
+            return attr_val
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
 
 
 def trace(make_copy: Callable[[], nn.Module], leaf_modules: Iterable[str] = ()
@@ -146,28 +176,18 @@ def _attr(gm: nn.Module, node: fx.Node):
 
 
 def propagate_shapes(gm: fx.GraphModule, inputs: tuple) -> None:
-    """Record every node's output shape and dtype in ``node.meta``, without real compute."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
-    try:
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake)
-        return
-    except Exception:  # noqa: BLE001 - fall back to a real run
-        for node in gm.graph.nodes:
-            node.meta.pop("val", None)
+    """Record every node's output shape and dtype in ``node.meta`` with one real run on the
+    first sample of the inputs (cheaper and more robust than fake tensors here)."""
     from torch.fx.passes.shape_prop import ShapeProp
 
+    first = tuple(t[:1] if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in inputs)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ShapeProp(gm).propagate(*inputs)
+            ShapeProp(gm).propagate(*first)
     except Exception as e:  # noqa: BLE001
         raise ReparamError(
-            f"running the traced model on example inputs failed ({type(e).__name__}: {e}); "
-            "pass example_inputs that the model accepts"
+            f"running the traced model on example inputs failed ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); pass example_inputs that the model "
+            "accepts"
         ) from e

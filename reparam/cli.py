@@ -1,0 +1,411 @@
+"""The ``reparam`` command line (also ``python -m reparam``): fold, explain and draw a model.
+
+A model is named by a SPEC: a file written by ``torch.save(module)``, a builder
+``package.module:function`` (called with no arguments, e.g. ``reparam.models:repvgg_a0``), or
+``timm:NAME`` (``timm.create_model(NAME, pretrained=False)``). Errors are one line on stderr
+(``reparam: error: ...``) with exit status 1, or 2 for a malformed command line; ``--debug``
+prints the traceback too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import fx, nn
+
+from . import __version__, rules
+from .api import fold, max_error
+from .errors import ReparamError
+from .ops import dtype_of, shape_of
+from .report import Report
+
+RULE_SETS = {"repvgg": rules.REPVGG, "acnet": rules.ACNET, "dbb": rules.DBB, "all": rules.ALL}
+
+SPEC_HELP = ("a saved module file (torch.save(model, FILE); loading runs pickled code, so only "
+             "load files you trust), a builder package.module:function called with no arguments "
+             "(e.g. reparam.models:repvgg_a0), or timm:NAME")
+
+
+# --- progress ---------------------------------------------------------------------------------
+
+@contextmanager
+def progress(label: str) -> Iterator[None]:
+    """A spinner with the elapsed time on stderr while the block runs (only on a terminal)."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    done = threading.Event()
+    start = time.perf_counter()
+
+    def spin() -> None:
+        for mark in itertools.cycle("|/-\\"):
+            sys.stderr.write(f"\r{mark} {label} ({time.perf_counter() - start:.1f} s)")
+            sys.stderr.flush()
+            if done.wait(0.1):
+                break
+        sys.stderr.write("\r\033[K")
+        sys.stderr.flush()
+
+    thread = threading.Thread(target=spin, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+# --- loading a model --------------------------------------------------------------------------
+
+def load_model(spec: str, *, seed: int = 0, eval_mode: bool = False) -> nn.Module:
+    """The module a SPEC names. Builders and timm models are put in eval mode; a saved file is
+    taken as it is (``eval_mode=True`` switches it too)."""
+    if str(Path.cwd()) not in sys.path and "" not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # builders and pickled classes of the current folder
+    path = Path(spec)
+    if path.is_file():
+        model = _load_file(path)
+        if eval_mode:
+            model.eval()
+        training = [name or type(model).__name__ for name, m in model.named_modules()
+                    if m.training]
+        if training:
+            raise ReparamError(
+                f"{spec} holds a module in training mode ({training[0]}); save it after "
+                "model.eval(), or pass --eval to switch it to eval mode here")
+        return model
+    torch.manual_seed(seed)  # builders initialize at random: the same SPEC and seed, same weights
+    if spec.startswith("timm:"):
+        model = _timm_model(spec[len("timm:"):])
+    elif ":" in spec:
+        model = _build(spec)
+    else:
+        raise ReparamError(f"'{spec}' is neither a file nor a builder; SPEC is {SPEC_HELP}")
+    return model.eval()
+
+
+def _load_file(path: Path) -> nn.Module:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except (AttributeError, ModuleNotFoundError) as e:
+        raise ReparamError(
+            f"cannot load {path}: {e}; the classes the module was saved with must be importable "
+            "(run from their folder or add it to PYTHONPATH)") from e
+    except Exception as e:  # noqa: BLE001 - unpickling can fail in many ways
+        raise ReparamError(f"cannot load {path}: {type(e).__name__}: {e}") from e
+    if isinstance(obj, dict):
+        raise ReparamError(
+            f"{path} holds a dict (a state_dict?), not a module: save the module itself with "
+            "torch.save(model, FILE), or name a builder package.module:function")
+    if not isinstance(obj, nn.Module):
+        raise ReparamError(f"{path} holds a {type(obj).__name__}, not a torch.nn.Module")
+    return obj
+
+
+def _timm_model(name: str) -> nn.Module:
+    try:
+        import timm
+    except ImportError as e:
+        raise ReparamError("timm:NAME needs timm: pip install timm") from e
+    try:
+        return timm.create_model(name, pretrained=False)
+    except RuntimeError as e:  # timm's "Unknown model (...)"
+        raise ReparamError(f"timm cannot create '{name}': {e}") from e
+
+
+def _build(spec: str) -> nn.Module:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ReparamError(f"'{spec}' is not package.module:function; SPEC is {SPEC_HELP}")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ReparamError(f"cannot import '{module_name}' (from '{spec}'): {e}") from e
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ReparamError(f"'{module_name}' has no attribute '{attr}' (from '{spec}')")
+        obj = getattr(obj, part)
+    if not isinstance(obj, nn.Module):
+        if not callable(obj):
+            raise ReparamError(f"'{spec}' is a {type(obj).__name__}, not a builder function")
+        try:
+            obj = obj()
+        except Exception as e:  # noqa: BLE001 - user code
+            raise ReparamError(f"{spec}() failed: {type(e).__name__}: {e}") from e
+    if not isinstance(obj, nn.Module):
+        raise ReparamError(f"{spec}() returned a {type(obj).__name__}, not a torch.nn.Module")
+    return obj
+
+
+# --- folding ----------------------------------------------------------------------------------
+
+def make_inputs(model: nn.Module, shapes: Sequence[tuple[int, ...]] | None) -> tuple | None:
+    """Random inputs of the given shapes, in the dtype and on the device of the model."""
+    if not shapes:
+        return None
+    param = next(iter(model.parameters()), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    device = param.device if param is not None else None
+    return tuple(torch.randn(shape, dtype=dtype, device=device) for shape in shapes)
+
+
+def guessed_inputs(folded: nn.Module) -> tuple | None:
+    """Random inputs of the shapes ``fold`` guessed (recorded on the folded graph's inputs)."""
+    if not isinstance(folded, fx.GraphModule):
+        return None
+    shapes = [(shape_of(n), dtype_of(n)) for n in folded.graph.nodes if n.op == "placeholder"]
+    if not shapes or any(s is None or d is None or not d.is_floating_point for s, d in shapes):
+        return None
+    return tuple(torch.randn(s, dtype=d) for s, d in shapes)
+
+
+def fold_and_measure(model: nn.Module, args: argparse.Namespace, check: bool = False
+                     ) -> tuple[nn.Module, Report, tuple | None]:
+    """``reparam.fold`` with the command line's options, then the max error on the inputs used
+    (the given shapes, else the ones ``fold`` guessed) set on the report, as ``explain`` does."""
+    inputs = make_inputs(model, args.input_shape)
+    folded = fold(model, inputs, rules=RULE_SETS[args.rules], max_cost=args.max_cost,
+                  check=check)
+    report = folded.reparam_report
+    inputs = inputs if inputs is not None else guessed_inputs(folded)
+    if inputs is not None:
+        report.max_error = max_error(model, folded, inputs)
+    return folded, report, inputs
+
+
+def _picklable(module: nn.Module) -> None:
+    """Let ``torch.load`` rebuild the folded graph modules.
+
+    Unpickling a GraphModule re-creates the tracer class it was traced with, with no arguments;
+    reparam's tracer needs one, so fall back to torch.fx's own (every submodule is kept as a leaf
+    there anyway). A no-op once the tracer takes no required arguments.
+    """
+    for m in module.modules():
+        tracer = getattr(m, "_tracer_cls", None)
+        if isinstance(m, fx.GraphModule) and tracer is not None:
+            try:
+                tracer()
+            except TypeError:
+                m._tracer_cls = None
+
+
+def _count(ops: dict[str, int]) -> int:
+    return sum(ops.values())
+
+
+def _shapes(inputs: tuple | None) -> str:
+    if inputs is None:
+        return "unknown (pass --input-shape)"
+    return ", ".join("x".join(map(str, t.shape)) for t in inputs)
+
+
+def _size(path: Path) -> str:
+    size = path.stat().st_size
+    for unit in ("B", "KB", "MB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"
+
+
+def _dtype(module: nn.Module) -> str:
+    param = next(iter(module.parameters()), None)
+    return str(param.dtype).removeprefix("torch.") if param is not None else "float32"
+
+
+def cmd_fold(args: argparse.Namespace) -> int:
+    with progress(f"loading {args.spec}"):
+        model = load_model(args.spec, seed=args.seed, eval_mode=args.eval)
+    start = time.perf_counter()
+    with progress("tracing, folding" + (" and checking in float64" if args.check else "")):
+        folded, report, inputs = fold_and_measure(model, args, check=args.check)
+    wall = time.perf_counter() - start
+    out = Path(args.output)
+    with progress(f"saving {out}"):
+        _picklable(folded)
+        try:
+            torch.save(folded, out)
+        except OSError as e:
+            raise ReparamError(f"cannot write {out}: {e.strerror or e}") from e
+    before, after = report.ops_before, report.ops_after
+    ops = ", ".join(f"{k} {before.get(k, 0)} -> {after.get(k, 0)}"
+                    for k in sorted(set(before) | set(after)))
+    params = (f"{report.params_before:,} -> {report.params_after:,}")
+    if report.params_before:
+        params += f" ({report.params_after / report.params_before - 1:+.1%})"
+    guessed = "" if args.input_shape else " (guessed; set it with --input-shape)"
+    lines = [
+        f"folded {args.spec} ({type(model).__name__})",
+        f"  input     {_shapes(inputs)}{guessed}",
+        f"  ops       {_count(before)} -> {_count(after)}: {ops}",
+        f"  params    {params}",
+        f"  regions   {len(report.regions)} folded, {len(report.leftovers)} linear ops left "
+        "unfolded" + (f", {len(report.untraced)} parts not traced" if report.untraced else ""),
+        f"  time      fold {report.fold_seconds:.2f} s"
+        + (f", check {max(wall - report.fold_seconds, 0):.2f} s" if args.check else ""),
+    ]
+    if report.max_error is not None:
+        lines.append(f"  error     {report.max_error:.1e} max |folded - original| / max |original| "
+                     f"({_dtype(folded)} against the float64 original)")
+    if args.check:
+        lines.append("  check     passed: a float64 fold matches the float64 original")
+    lines.append(f"  saved     {out} ({_size(out)}); load it with "
+                 "torch.load(FILE, weights_only=False)")
+    for x in report.leftovers[:3]:
+        lines.append(f"  left      {x.node} ({x.op}): {x.reason}")
+    if len(report.leftovers) > 3 or report.untraced:
+        lines.append(f"  more      reparam explain {args.spec} lists every region and leftover")
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    with progress(f"loading {args.spec}"):
+        model = load_model(args.spec, seed=args.seed, eval_mode=args.eval)
+    with progress("tracing and folding"):
+        _, report, _ = fold_and_measure(model, args)
+    print(report)
+    return 0
+
+
+def cmd_draw(args: argparse.Namespace) -> int:
+    from . import draw  # networkx is imported only to draw
+
+    out = Path(args.output)
+    with progress(f"loading {args.spec}"):
+        model = load_model(args.spec, seed=args.seed, eval_mode=args.eval)
+    with progress("tracing and folding"):
+        inputs = make_inputs(model, args.input_shape)
+        path = args.block
+        if path is None or inputs is None:  # fold the whole model to find the block or inputs
+            _, report, inputs = fold_and_measure(model, args)
+            path = draw.block_of(model, report) if path is None else path
+        picture = draw.picture(model, path, inputs, rules=RULE_SETS[args.rules],
+                               max_cost=args.max_cost)
+    text = picture.html() if out.suffix.lower() in (".html", ".htm") else picture.svg
+    try:
+        out.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise ReparamError(f"cannot write {out}: {e.strerror or e}") from e
+    report = picture.report
+    print(f"drew {picture.path or 'the whole model'} ({picture.kind}): {picture.ops_before} ops "
+          f"-> {picture.ops_after}, params {report.params_before:,} -> {report.params_after:,}; "
+          f"wrote {out}")
+    return 0
+
+
+# --- the command line -------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit status 2
+        self.exit(2, f"reparam: error: {message} (see {self.prog} --help)\n")
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
+    except ValueError:
+        shape = ()
+    if not shape or any(s <= 0 for s in shape):
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not a shape: give positive sizes separated by commas, e.g. 1,3,224,224")
+    return shape
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a positive ratio")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="reparam",
+        description="Fold the linear branches of re-parameterizable blocks into plain convs, "
+                    "exactly, and show what folded and why the rest did not.")
+    parser.add_argument("--version", action="version", version=f"reparam {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("spec", metavar="SPEC", help=SPEC_HELP)
+    common.add_argument("--rules", choices=sorted(RULE_SETS), default="all",
+                        help="rule set (default: all)")
+    common.add_argument("--input-shape", type=_shape, action="append", metavar="N,C,H,W",
+                        help="example input shape (repeat for several inputs); default: guessed "
+                             "from the first layer")
+    common.add_argument("--max-cost", type=_ratio, default=1.0, metavar="R",
+                        help="largest folded/original multiply-add ratio per region (default 1)")
+    common.add_argument("--seed", type=int, default=0,
+                        help="random seed for builder weights and inputs (default 0)")
+    common.add_argument("--eval", action="store_true",
+                        help="switch a module loaded from a file to eval mode")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("fold", parents=[common], help="fold a model and save it",
+                       description="Fold every exactly-mergeable linear region and save the "
+                                   "folded module with torch.save.")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="where to save the folded module")
+    p.add_argument("--check", action="store_true",
+                   help="also fold a float64 copy and compare it with the float64 original "
+                        "(fails naming the first region that diverges)")
+    p.set_defaults(run=cmd_fold)
+
+    p = sub.add_parser("explain", parents=[common], help="print what folds, what does not, why",
+                       description="Print a table of each folded region (nodes replaced, rules, "
+                                   "params and MACs before and after) and of each linear op "
+                                   "left unfolded, with the reason.")
+    p.set_defaults(run=cmd_explain)
+
+    p = sub.add_parser("draw", parents=[common], help="draw a block before and after folding",
+                       description="Draw one block before and after folding, side by side, as "
+                                   "SVG or as an HTML page.")
+    p.add_argument("-o", "--output", required=True, metavar="FILE",
+                   help="FILE.svg or FILE.html")
+    p.add_argument("--block", metavar="PATH",
+                   help="submodule to draw, e.g. stage1.1 (default: the block of the first of "
+                        "the largest folded regions)")
+    p.set_defaults(run=cmd_draw)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "draw" and Path(args.output).suffix.lower() not in (".svg", ".html",
+                                                                           ".htm"):
+        parser.error(f"draw writes .svg or .html, not '{args.output}'")
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("reparam: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the command line reports every failure in one line
+        if args.debug:
+            traceback.print_exc()
+        message = " ".join(str(e).split()) or "(no message)"
+        if not isinstance(e, ReparamError):
+            message = f"{type(e).__name__}: {message}"
+        print(f"reparam: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+

@@ -1,0 +1,458 @@
+"""Pictures of a block before and after folding, like the papers' figures, as plain SVG.
+
+The fx graph of the block (ops as boxes labelled ``conv3x3 s1 g1``, ``BN``, ``+``; edges as data
+flow) is laid out in layers with networkx: each op one layer below its deepest input, long edges
+routed through placeholder points, the order inside a layer chosen to cross few edges, and each
+box placed as near the middle of its neighbours as the order allows. The SVG is written by hand
+(no plotting library); :meth:`Picture.html` wraps it in a small page with the fold's report.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+from torch import fx, nn
+
+from .api import fold
+from .errors import ReparamError
+from .ops import describe
+from .report import Report
+from .rules import ALL
+from .trace import light_copy, trace
+from .values import Rule
+
+# --- which block ------------------------------------------------------------------------------
+
+
+def _module_path(node: fx.Node) -> str:
+    """The module a traced node belongs to: its own for a module call, else the innermost caller."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def block_of(model: nn.Module, report: Report) -> str:
+    """The path of the smallest submodule holding the first of the largest folded regions."""
+    if not report.regions:
+        raise ReparamError(f"nothing folds in {type(model).__name__}, so there is no block to "
+                           "draw; pass --block PATH to draw one anyway")
+    region = max(report.regions, key=lambda r: len(r.replaced))  # the first of the largest
+    try:
+        gm, _ = trace(lambda: light_copy(model))
+        paths = {n.name: _module_path(n) for n in gm.graph.nodes}
+    except ReparamError:
+        paths = {}
+    parts = [paths[n].split(".") if paths[n] else [] for n in region.replaced if n in paths]
+    if not parts:  # names from a submodule folded on its own: start from the main branch
+        return region.name.rsplit(".", 1)[0] if "." in region.name else ""
+    common: list[str] = []
+    for names in zip(*parts, strict=False):
+        if len(set(names)) > 1:
+            break
+        common.append(names[0])
+    path = ".".join(common)
+    if path and not any(True for _ in model.get_submodule(path).children()):
+        path = path.rsplit(".", 1)[0] if "." in path else ""  # one op alone: show its parent
+    return path
+
+
+def _block_inputs(model: nn.Module, path: str, inputs: tuple | None) -> tuple | None:
+    """What the block at ``path`` receives when the model runs on ``inputs`` (first call)."""
+    if inputs is None or not path:
+        return inputs
+    seen: list[tuple] = []
+
+    def record(module, args):
+        if not seen and all(isinstance(a, torch.Tensor) for a in args):
+            seen.append(tuple(a.detach().clone() for a in args))
+
+    hook = model.get_submodule(path).register_forward_pre_hook(record)
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        hook.remove()
+    if not seen:
+        raise ReparamError(f"the model does not call '{path}' with tensors on the example input")
+    return seen[0]
+
+
+# --- what each node shows ---------------------------------------------------------------------
+
+_SYMBOLS = {"add": "+", "sub": "\u2212", "mul": "\u00d7", "div": "\u00f7", "neg": "\u2212x",
+            "cat": "cat"}
+
+
+def _axes(values: Sequence[int]) -> str:
+    values = tuple(values)
+    return str(values[0]) if len(set(values)) == 1 else "x".join(map(str, values))
+
+
+def _tensor(gm: fx.GraphModule, value) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, fx.Node) and value.op == "get_attr":
+        obj = gm
+        for part in str(value.target).split("."):
+            obj = getattr(obj, part, None)
+        return obj if isinstance(obj, torch.Tensor) else None
+    return None
+
+
+def label(node: fx.Node, gm: fx.GraphModule, modules: dict[str, nn.Module]
+          ) -> tuple[str, str, str]:
+    """``(label, detail, kind)`` of a node: e.g. ``("conv3x3 s1 g1", "48\u219248", "conv")``."""
+    if node.op == "placeholder":
+        return node.name, "input", "io"
+    if node.op == "output":
+        return "output", "", "io"
+    op = describe(node, modules)
+    if op is None:
+        if node.op == "call_module":
+            return type(modules[str(node.target)]).__name__, "", "other"
+        return getattr(node.target, "__name__", str(node.target)), "", "other"
+    a = op.attrs
+    if op.kind == "conv":
+        w = _tensor(gm, a["weight"])
+        if w is None:
+            return "conv", "", "conv"
+        k = "x".join(map(str, w.shape[2:]))
+        g = a["groups"]
+        c_in, c_out = (w.shape[0], w.shape[1] * g) if a["transposed"] else (w.shape[1] * g,
+                                                                              w.shape[0])
+        name = "convT" if a["transposed"] else "conv"
+        return f"{name}{k} s{_axes(a['stride'])} g{g}", f"{c_in}\u2192{c_out}", "conv"
+    if op.kind == "linear":
+        w = _tensor(gm, a["weight"])
+        detail = "" if w is None else f"{w.shape[1]}\u2192{w.shape[0]}"
+        return "linear", detail, "conv"
+    if op.kind == "batch_norm":
+        return "BN", "", "bn"
+    if op.kind == "avg_pool":
+        k = "x".join(map(str, a["kernel_size"]))
+        return f"avgpool{k} s{_axes(a['stride'])}", "", "pool"
+    if op.kind in _SYMBOLS:
+        return _SYMBOLS[op.kind], "", "merge"
+    if op.kind == "pad":
+        return "pad", "", "pad"
+    return op.kind, "", "other"
+
+
+def op_graph(gm: fx.GraphModule) -> nx.DiGraph:
+    """The data flow of ``gm``: the nodes computed from its inputs (parameters and constant
+    arithmetic left out), each with ``label``, ``detail``, ``kind`` and ``order``."""
+    modules = dict(gm.named_modules())
+    graph = nx.DiGraph()
+    live: set[fx.Node] = set()
+    for i, node in enumerate(gm.graph.nodes):
+        if not (node.op in ("placeholder", "output")
+                or any(x in live for x in node.all_input_nodes)):
+            continue
+        live.add(node)
+        text, detail, kind = label(node, gm, modules)
+        graph.add_node(node.name, label=text, detail=detail, kind=kind, order=i)
+        for x in node.all_input_nodes:
+            if x in live:
+                graph.add_edge(x.name, node.name)
+    return graph
+
+
+# --- layout -----------------------------------------------------------------------------------
+
+ROW = 62  # vertical distance between layers
+HEIGHT = 34  # box height
+RADIUS = 13  # circle of a merge (+, x)
+GAP = 22  # horizontal gap between boxes
+CHAR = 7.0  # approximate advance of a 12px character
+
+
+def _width(graph: nx.DiGraph, n) -> float:
+    data = graph.nodes[n]
+    if data.get("dummy"):
+        return 8.0
+    if data["kind"] == "merge" and len(data["label"]) <= 2:
+        return 2.0 * RADIUS
+    return max(len(data["label"]) * CHAR, len(data["detail"]) * CHAR * 0.85) + 18
+
+
+@dataclass
+class Layout:
+    graph: nx.DiGraph  # with placeholder points ("dummy") on long edges
+    x: dict
+    y: dict
+    edges: list[list]  # each original edge as its chain of points, source to target
+    width: float
+    height: float
+
+
+def _crossings(layers: list[list], graph: nx.DiGraph) -> int:
+    total = 0
+    for upper, lower in zip(layers, layers[1:], strict=False):
+        at = {n: i for i, n in enumerate(lower)}
+        pairs = [(i, at[v]) for i, u in enumerate(upper) for v in graph.successors(u) if v in at]
+        total += sum(1 for a, b in pairs for c, d in pairs if a < c and b > d)
+    return total
+
+
+def _sort_by(layer: list, neighbours, index: dict) -> list:
+    def key(n):
+        near = [index[m] for m in neighbours(n) if m in index]
+        return (sum(near) / len(near) if near else index[n], index[n])
+
+    return sorted(layer, key=key)
+
+
+def _place(order: list, desired: dict, widths: dict) -> dict:
+    """x for each node in ``order``: as near ``desired`` as possible (least squares) with boxes
+    in that order and at least GAP apart. Pool-adjacent-violators on the shifted targets."""
+    offsets, acc = [], 0.0
+    for i, n in enumerate(order):
+        if i:
+            acc += (widths[order[i - 1]] + widths[n]) / 2 + GAP
+        offsets.append(acc)
+    blocks: list[list[float]] = []  # [sum of targets, count]
+    for n, off in zip(order, offsets, strict=True):
+        blocks.append([desired[n] - off, 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            s, c = blocks.pop()
+            blocks[-1][0] += s
+            blocks[-1][1] += c
+    values = [b[0] / b[1] for b in blocks for _ in range(b[1])]
+    return {n: v + off for n, v, off in zip(order, values, offsets, strict=True)}
+
+
+def layout(graph: nx.DiGraph) -> Layout:
+    """Layers top to bottom, few crossings, each box centred on its neighbours where it can be."""
+    layer: dict = {}
+    for n in nx.topological_sort(graph):
+        layer[n] = max((layer[p] + 1 for p in graph.predecessors(n)), default=0)
+    g = nx.DiGraph()
+    g.add_nodes_from(graph.nodes(data=True))
+    chains = []
+    for u, v in sorted(graph.edges, key=lambda e: (graph.nodes[e[0]]["order"],
+                                                   graph.nodes[e[1]]["order"])):
+        chain = [u]
+        for depth in range(layer[u] + 1, layer[v]):
+            dummy = ("dummy", u, v, depth)
+            g.add_node(dummy, dummy=True, order=graph.nodes[u]["order"] + 0.5)
+            layer[dummy] = depth
+            chain.append(dummy)
+        chain.append(v)
+        nx.add_path(g, chain)
+        chains.append(chain)
+    layers: list[list] = [[] for _ in range(max(layer.values(), default=0) + 1)]
+    for n in sorted(g.nodes, key=lambda n: g.nodes[n]["order"]):
+        layers[layer[n]].append(n)
+    best, fewest = [list(lyr) for lyr in layers], _crossings(layers, g)
+    for sweep in range(8):
+        down = sweep % 2 == 0
+        span = range(1, len(layers)) if down else range(len(layers) - 2, -1, -1)
+        for i in span:
+            ref = layers[i - 1] if down else layers[i + 1]
+            index = {n: j for j, n in enumerate(ref)}
+            index.update({n: j for j, n in enumerate(layers[i]) if n not in index})
+            layers[i] = _sort_by(layers[i], g.predecessors if down else g.successors, index)
+        count = _crossings(layers, g)
+        if count < fewest:
+            best, fewest = [list(lyr) for lyr in layers], count
+    layers = best
+    widths = {n: _width(g, n) for n in g.nodes}
+    x: dict = {}
+    for row in layers:
+        x.update(_place(row, {n: 0.0 for n in row}, widths))
+    for sweep in range(7):  # pull each box towards its neighbours, alternating, ending downwards
+        down = sweep % 2 == 0
+        for row in layers if down else reversed(layers):
+            desired = {}
+            for n in row:
+                near = list(g.predecessors(n) if down else g.successors(n))
+                desired[n] = sum(x[m] for m in near) / len(near) if near else x[n]
+            x.update(_place(row, desired, widths))
+    left = min(x[n] - widths[n] / 2 for n in g.nodes)
+    right = max(x[n] + widths[n] / 2 for n in g.nodes)
+    x = {n: v - left for n, v in x.items()}
+    y = {n: layer[n] * ROW + HEIGHT / 2 for n in g.nodes}
+    height = (len(layers) - 1) * ROW + HEIGHT
+    return Layout(g, x, y, chains, right - left, height)
+
+
+# --- SVG ---------------------------------------------------------------------------------------
+
+COLOURS = {  # fill, stroke
+    "conv": ("#dbe8f7", "#2f6db5"),
+    "bn": ("#fff1c7", "#b8860b"),
+    "pool": ("#e0f0d8", "#4f8a2b"),
+    "merge": ("#ffffff", "#444444"),
+    "io": ("#f3f3f3", "#888888"),
+    "pad": ("#ececf6", "#6a6a9a"),
+    "other": ("#fbe3d4", "#c05a14"),
+}
+
+
+def _e(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _half_height(data: dict) -> float:
+    if data.get("dummy"):
+        return 0.0
+    if data["kind"] == "merge" and len(data["label"]) <= 2:
+        return RADIUS
+    return HEIGHT / 2
+
+
+def _panel(lay: Layout, dx: float, dy: float) -> list[str]:
+    g, out = lay.graph, []
+    for chain in lay.edges:
+        pts = [(lay.x[n] + dx, lay.y[n] + dy) for n in chain]
+        pts[0] = (pts[0][0], pts[0][1] + _half_height(g.nodes[chain[0]]))
+        pts[-1] = (pts[-1][0], pts[-1][1] - _half_height(g.nodes[chain[-1]]) - 2)
+        d = f"M{pts[0][0]:.1f},{pts[0][1]:.1f}"
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
+            mid = (y1 - y0) / 2
+            d += f" C{x0:.1f},{y0 + mid:.1f} {x1:.1f},{y1 - mid:.1f} {x1:.1f},{y1:.1f}"
+        out.append(f'<path class="edge" d="{d}" marker-end="url(#arrow)"/>')
+    for n, data in g.nodes(data=True):
+        if data.get("dummy"):
+            continue
+        cx, cy = lay.x[n] + dx, lay.y[n] + dy
+        fill, stroke = COLOURS[data["kind"]]
+        tip = f"<title>{_e(n)}</title>"
+        if data["kind"] == "merge" and len(data["label"]) <= 2:
+            out.append(f'<g class="op">{tip}<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{RADIUS}" '
+                       f'fill="{fill}" stroke="{stroke}"/>'
+                       f'<text x="{cx:.1f}" y="{cy + 5:.1f}" font-size="16">'
+                       f'{_e(data["label"])}</text></g>')
+            continue
+        w = _width(g, n)
+        rx = 14 if data["kind"] == "io" else 5
+        text_y = cy + (-2 if data["detail"] else 4)
+        body = (f'<rect x="{cx - w / 2:.1f}" y="{cy - HEIGHT / 2:.1f}" width="{w:.1f}" '
+                f'height="{HEIGHT}" rx="{rx}" fill="{fill}" stroke="{stroke}"/>'
+                f'<text x="{cx:.1f}" y="{text_y:.1f}" font-size="12">{_e(data["label"])}</text>')
+        if data["detail"]:
+            body += (f'<text x="{cx:.1f}" y="{cy + 11:.1f}" font-size="10" fill="#555">'
+                     f'{_e(data["detail"])}</text>')
+        out.append(f'<g class="op">{tip}{body}</g>')
+    return out
+
+
+def _ops(graph: nx.DiGraph) -> int:
+    return sum(1 for _, d in graph.nodes(data=True) if d["kind"] != "io")
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count:,} {word}{'' if count == 1 else 's'}"
+
+
+def render(before: nx.DiGraph, after: nx.DiGraph, title: str, heads: tuple[str, str],
+           notes: Sequence[str] = ()) -> str:
+    """Two op graphs side by side, ``before`` on the left, as a standalone SVG document."""
+    lb, la = layout(before), layout(after)
+    pad, arrow, top = 24.0, 90.0, 62.0
+    head_w = [len(h) * CHAR * 1.2 for h in heads]
+    wb, wa = max(lb.width, head_w[0]), max(la.width, head_w[1])
+    body_h = max(lb.height, la.height)
+    width = pad + wb + arrow + wa + pad
+    width = max(width, pad * 2 + len(title) * CHAR * 1.3,
+                pad * 2 + max((len(n) for n in notes), default=0) * CHAR * 0.9)
+    height = top + body_h + pad + 18 * len(notes) + (8 if notes else 0)
+    xb = pad + (wb - lb.width) / 2
+    xa = pad + wb + arrow + (wa - la.width) / 2
+    yb, ya = top + (body_h - lb.height) / 2, top + (body_h - la.height) / 2
+    mid_y = top + body_h / 2
+    a0, a1 = pad + wb + 18, pad + wb + arrow - 18
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
+        f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="Helvetica, Arial, sans-serif">',
+        f"<title>{_e(title)}</title>",
+        "<defs><marker id=\"arrow\" viewBox=\"0 0 10 10\" refX=\"9\" refY=\"5\" "
+        "markerWidth=\"7\" markerHeight=\"7\" orient=\"auto-start-reverse\">"
+        "<path d=\"M0,0 L10,5 L0,10 z\" fill=\"#555\"/></marker></defs>",
+        "<style>.edge{fill:none;stroke:#555;stroke-width:1.3}"
+        "text{text-anchor:middle;fill:#222}.head{font-size:13px;font-weight:bold}"
+        ".note{text-anchor:start;font-size:12px;fill:#444}</style>",
+        f'<rect width="{width:.0f}" height="{height:.0f}" fill="#ffffff"/>',
+        f'<text x="{pad}" y="24" font-size="15" font-weight="bold" style="text-anchor:start">'
+        f"{_e(title)}</text>",
+        f'<text class="head" x="{pad + wb / 2:.1f}" y="{top - 14:.1f}">{_e(heads[0])}</text>',
+        f'<text class="head" x="{pad + wb + arrow + wa / 2:.1f}" y="{top - 14:.1f}">'
+        f"{_e(heads[1])}</text>",
+        f'<path class="edge" d="M{a0:.1f},{mid_y:.1f} L{a1:.1f},{mid_y:.1f}" '
+        'stroke-width="2" marker-end="url(#arrow)"/>',
+        f'<text x="{(a0 + a1) / 2:.1f}" y="{mid_y - 8:.1f}" font-size="12">fold</text>',
+    ]
+    parts += _panel(lb, xb, yb)
+    parts += _panel(la, xa, ya)
+    for i, note in enumerate(notes):
+        y = top + body_h + pad + 14 + 18 * i
+        parts.append(f'<text class="note" x="{pad}" y="{y:.1f}">{_e(note)}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+# --- the picture of one block -----------------------------------------------------------------
+
+@dataclass
+class Picture:
+    """A block drawn before and after folding: ``svg`` is the document, ``html()`` a page."""
+
+    path: str
+    kind: str
+    svg: str
+    report: Report
+    ops_before: int
+    ops_after: int
+
+    def html(self) -> str:
+        title = f"reparam: {self.path or 'model'} ({self.kind}) before and after folding"
+        return (
+            "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{_e(title)}</title>\n"
+            "<style>body{font-family:Helvetica,Arial,sans-serif;margin:2em;color:#222}"
+            "pre{background:#f6f6f6;padding:1em;overflow-x:auto;font-size:12px}"
+            "svg{max-width:100%;height:auto}</style>\n</head>\n<body>\n"
+            f"<h1>{_e(self.path or 'model')} <small>({_e(self.kind)})</small></h1>\n"
+            f"{self.svg}"
+            "<h2>Report</h2>\n"
+            f"<pre>{_e(self.report)}</pre>\n</body>\n</html>\n"
+        )
+
+
+def picture(model: nn.Module, path: str, example_inputs: tuple | None = None, *,
+            rules: Sequence[Rule] = ALL, max_cost: float = 1.0) -> Picture:
+    """Draw the submodule ``model.<path>`` (``""``: the whole model) before and after folding.
+
+    ``example_inputs`` are the model's; the block is folded on what it receives from them.
+    """
+    try:
+        block = model.get_submodule(path)
+    except AttributeError as e:
+        raise ReparamError(f"{type(model).__name__} has no submodule '{path}'") from e
+    inputs = _block_inputs(model, path, example_inputs)
+    before, _ = trace(lambda: light_copy(block))
+    after = fold(block, inputs, rules=rules, max_cost=max_cost)
+    if not isinstance(after, fx.GraphModule):
+        raise ReparamError(f"'{path}' does not trace as a whole, so it cannot be drawn; pass "
+                           "--block naming one of its parts")
+    report = after.reparam_report
+    g_before, g_after = op_graph(before), op_graph(after)
+    kind = type(block).__name__
+    used: dict[str, None] = {}
+    for region in report.regions:
+        used.update(dict.fromkeys(region.rules))
+    notes = []
+    if used:
+        notes.append("rules: " + ", ".join(used))
+    notes += [f"left unfolded: {x.node} ({x.op}): {x.reason}" for x in report.leftovers[:3]]
+    if len(report.leftovers) > 3:
+        notes.append(f"... and {len(report.leftovers) - 3} more left unfolded")
+    heads = (f"before: {_plural(_ops(g_before), 'op')}, {_plural(report.params_before, 'param')}",
+             f"after: {_plural(_ops(g_after), 'op')}, {_plural(report.params_after, 'param')}")
+    svg = render(g_before, g_after, f"{path or 'model'} ({kind})", heads, notes)
+    return Picture(path, kind, svg, report, _ops(g_before), _ops(g_after))
