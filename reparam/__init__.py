@@ -5,7 +5,7 @@
 """
 
 from . import kernel, rules
-from .api import count_ops, explain, fold, max_error
+from .api import count_macs, count_ops, explain, fold, max_error
 from .errors import CheckError, ReparamError, TraceError
 from .report import Leftover, Region, Report
 from .values import Rule, law, rule
@@ -14,7 +14,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckError", "Leftover", "Region", "ReparamError", "Report", "Rule", "TraceError",
-    "count_ops", "explain", "fold", "kernel", "law", "max_error", "models", "rule", "rules",
+    "count_macs", "count_ops", "explain", "fold", "kernel", "law", "max_error", "models", "rule",
+    "rules",
 ]
 
 

@@ -62,6 +62,20 @@ def count_ops(gm: fx.GraphModule) -> dict[str, int]:
     return dict(counts)
 
 
+def count_macs(model: nn.Module, example_inputs) -> int:
+    """Multiply-adds of one sample through ``model`` (convs, linears, BNs, adds, pools...)."""
+    from .rewrite import Folder
+
+    inputs = as_inputs(example_inputs)
+    if isinstance(model, fx.GraphModule):
+        gm = model
+    else:
+        gm, _ = trace(lambda: light_copy(model))
+    propagate_shapes(gm, inputs)
+    folder = Folder(gm, ())
+    return sum(folder.op_cost(n) for n in gm.graph.nodes)
+
+
 def _params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

@@ -150,13 +150,23 @@ def _build(spec: str) -> nn.Module:
 # --- folding ----------------------------------------------------------------------------------
 
 def make_inputs(model: nn.Module, shapes: Sequence[tuple[int, ...]] | None) -> tuple | None:
-    """Random inputs of the given shapes, in the dtype and on the device of the model."""
+    """Random inputs of the given shapes, in the dtype and on the device of the model, checked
+    by one run of the model (a wrong shape is named here, before any tracing)."""
     if not shapes:
         return None
     param = next(iter(model.parameters()), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     device = param.device if param is not None else None
-    return tuple(torch.randn(shape, dtype=dtype, device=device) for shape in shapes)
+    inputs = tuple(torch.randn(shape, dtype=dtype, device=device) for shape in shapes)
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as e:  # noqa: BLE001 - user code
+        given = " and ".join("x".join(map(str, shape)) for shape in shapes)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ReparamError(f"{type(model).__name__} does not run on inputs of shape {given} "
+                           f"({type(e).__name__}: {first}); fix --input-shape") from e
+    return inputs
 
 
 def guessed_inputs(folded: nn.Module) -> tuple | None:
@@ -224,19 +234,21 @@ def _dtype(module: nn.Module) -> str:
 
 
 def cmd_fold(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    if not out.parent.is_dir():  # before the work, not after it
+        raise ReparamError(f"cannot write {out}: the folder {out.parent} does not exist")
     with progress(f"loading {args.spec}"):
         model = load_model(args.spec, seed=args.seed, eval_mode=args.eval)
     start = time.perf_counter()
     with progress("tracing, folding" + (" and checking in float64" if args.check else "")):
         folded, report, inputs = fold_and_measure(model, args, check=args.check)
     wall = time.perf_counter() - start
-    out = Path(args.output)
     with progress(f"saving {out}"):
         _picklable(folded)
         try:
             torch.save(folded, out)
-        except OSError as e:
-            raise ReparamError(f"cannot write {out}: {e.strerror or e}") from e
+        except (OSError, RuntimeError) as e:  # torch.save raises RuntimeError for some paths
+            raise ReparamError(f"cannot write {out}: {e}") from e
     before, after = report.ops_before, report.ops_after
     ops = ", ".join(f"{k} {before.get(k, 0)} -> {after.get(k, 0)}"
                     for k in sorted(set(before) | set(after)))
@@ -282,6 +294,8 @@ def cmd_draw(args: argparse.Namespace) -> int:
     from . import draw  # networkx is imported only to draw
 
     out = Path(args.output)
+    if not out.parent.is_dir():
+        raise ReparamError(f"cannot write {out}: the folder {out.parent} does not exist")
     with progress(f"loading {args.spec}"):
         model = load_model(args.spec, seed=args.seed, eval_mode=args.eval)
     with progress("tracing and folding"):

@@ -159,6 +159,9 @@ def scale_shift(ctx: Context, op: Op) -> Lin | None:
     first, second = op.inputs
     const_first, const_second = ctx.is_const(first), ctx.is_const(second)
     if const_first == const_second:
+        if op.kind in ("mul", "div") and not const_first:
+            raise NoFold(f"'{first}' {op.kind} '{second}': both operands are computed from the "
+                         "input (a gate or attention), so the product is not linear")
         return None
     tensor = second if const_first else first
     layout = ctx.layout_of(tensor)
