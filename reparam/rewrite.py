@@ -64,7 +64,8 @@ class Folder:
         for n in self.graph.nodes:
             n.meta["_reparam_what"] = _what(n, self.modules)
             n.meta["_reparam_linear"] = self.ops[n] is not None
-        self.forced: dict[fx.Node, str] = {}
+        self.forced: dict[fx.Node, str] = {}  # nodes kept as ops by the cost policy
+        self.cost_reasons: dict[fx.Node, str] = {}  # where a dear region was split
         self._consts: dict[fx.Node, Value] = {}
         # node -> (identity of its inputs' values and barrier flags, its value, its reason):
         # a re-walk recomputes only nodes whose inputs changed
@@ -181,12 +182,13 @@ class Folder:
                 if not (isinstance(uv, Lin) and node in uv.nodes):
                     new.add(node)
                     break
-        barriers = plan.barriers | new
-        count = Counter(n for b in barriers if isinstance(plan.values[b], Lin)
+        if new:  # judge duplication only on a walk whose barriers include every escape
+            return new
+        count = Counter(n for b in plan.barriers if isinstance(plan.values[b], Lin)
                         for n in plan.values[b].nodes)
         for node, times in count.items():
             value = plan.values[node]
-            if times > 1 and node not in barriers and not value.kernel.is_diagonal:
+            if times > 1 and node not in plan.barriers and not value.kernel.is_diagonal:
                 new.add(node)
         return new
 
@@ -220,19 +222,55 @@ class Folder:
             return k.macs(_per_sample(shape_of(value.source)) // max(k.in_channels, 1))
         return k.macs(_per_sample(shape_of(node)) // max(k.out_channels, 1))
 
-    def _too_dear(self, plan: Plan) -> dict[fx.Node, str]:
-        out = {}
+    def _too_dear(self, plan: Plan) -> tuple[set[fx.Node], dict[fx.Node, str]]:
+        """Regions whose folded kernel costs more than their ops, and where to split each.
+
+        Split where the cost arises: at the last conv composed onto a non-trivial map (that map
+        becomes a region of its own), else at the last sum or concat of linear branches (kept as
+        an op), else at the region's end. Returns the new barriers and the nodes kept as ops.
+        """
+        cuts: set[fx.Node] = set()
+        forced: dict[fx.Node, str] = {}
         for b in plan.barriers:
             value = plan.values[b]
             if not isinstance(value, Lin) or len(value.nodes) < 2 or _is_identity(value.kernel):
                 continue
             before = sum(self.op_cost(n) for n in value.nodes)
             after = self.kernel_cost(b, value)
-            if after > before * self.max_cost:
-                out[b] = (f"folding {len(value.nodes)} ops into {value.kernel.geometry()} would "
-                          f"cost {after:,} multiply-adds, more than the {before:,} they cost now "
-                          f"(cost policy max_cost={self.max_cost})")
-        return out
+            if after <= before * self.max_cost:
+                continue
+            why = (f"folding {len(value.nodes)} ops into {value.kernel.geometry()} would cost "
+                   f"{after:,} multiply-adds, more than the {before:,} they cost now (cost policy "
+                   f"max_cost={self.max_cost})")
+            nodes = sorted(value.nodes, key=_order, reverse=True)
+            split = self._composition_point(plan, nodes) or self._branch_point(plan, nodes)
+            if split is not None and split[1] is not None:
+                cuts.add(split[1])
+                self.cost_reasons[split[0]] = why
+            else:
+                forced[split[0] if split is not None else b] = why
+        return cuts, forced
+
+    def _composition_point(self, plan: Plan, nodes: list[fx.Node]):
+        for n in nodes:
+            op = self.ops.get(n)
+            if op is None or op.kind not in ("conv", "linear", "avg_pool"):
+                continue
+            x = op.inputs[0]
+            xv = plan.values.get(x)
+            if (isinstance(xv, Lin) and xv.nodes and x not in plan.barriers
+                    and not xv.kernel.is_diagonal):
+                return n, x
+        return None
+
+    def _branch_point(self, plan: Plan, nodes: list[fx.Node]):
+        for n in nodes:
+            op = self.ops.get(n)
+            if op is not None and op.kind in ("add", "sub", "cat") and sum(
+                isinstance(plan.values.get(a), Lin) for a in n.all_input_nodes
+            ) >= 2:
+                return n, None
+        return None
 
     def plan(self) -> Plan:
         """Re-walk until the barriers are stable. Reasons come from the first walk, where every
@@ -246,12 +284,13 @@ class Folder:
             if new:
                 barriers |= new
                 continue
-            dear = self._too_dear(plan)
-            if not dear:
-                plan.reasons = {**first, **self.forced}
+            cuts, forced = self._too_dear(plan)
+            if not cuts and not forced:
+                plan.reasons = {**first, **self.cost_reasons, **self.forced}
                 return plan
-            self.forced.update(dear)
-            barriers -= set(dear)
+            barriers |= cuts
+            self.forced.update(forced)
+            barriers -= set(forced)
         raise RuntimeError("reparam: the fold did not reach a fixpoint")  # pragma: no cover
 
     # --- rewriting -----------------------------------------------------------------------------

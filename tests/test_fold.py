@@ -291,3 +291,39 @@ def test_smaller_rule_sets_stay_equivalent_and_say_why(case, name):
     report = folded.reparam_report
     if n_ops(folded, "conv") > 1:
         assert report.leftovers and not report.complete
+
+
+# --- the cost policy ---------------------------------------------------------------------------
+
+def test_cost_policy_splits_where_the_cost_arises():
+    """depthwise 3x3+BN then 1x1+BN: one dense 3x3 would cost more, so the two convs stay
+    apart, each with its BN folded (no BN is left behind)."""
+    block = nn.Sequential(conv_bn(16, 16, 3, 1, 1, groups=16), conv_bn(16, 32, 1))
+    block = randomize_bn(block)
+    x = torch.randn(2, 16, 8, 8)
+    folded = reparam.fold(block, (x,))
+    assert ops(folded) == {"conv": 2}
+    assert any("cost" in left.reason for left in folded.reparam_report.leftovers)
+    assert_equivalent(block, folded, x)
+    widened = reparam.fold(block, (x,), max_cost=10.0)
+    assert ops(widened) == {"conv": 1}
+    assert_equivalent(block, widened, x)
+
+
+def test_cost_is_judged_over_the_whole_region():
+    """dw 5x5 + dense 3x3 alone: a dense 5x5 is dearer, the add stays. With two dense
+    1x1 -> 3x3 chains and a 1x1 beside them, one dense 5x5 is cheaper than all the branches."""
+    c = 16
+    pair = randomize_bn(Branches(conv_bn(c, c, 5, 1, 2, groups=c), conv_bn(c, c, 3, 1, 1)))
+    x = torch.randn(2, c, 9, 9)
+    folded = reparam.fold(pair, (x,))
+    assert ops(folded) == {"conv": 2, "add": 1}
+    assert_equivalent(pair, folded, x)
+    block = randomize_bn(Branches(conv_bn(c, c, 5, 1, 2, groups=c), conv_bn(c, c, 3, 1, 1),
+                                  dbb_seq(c, c, 3, 1, 1, 2), dbb_seq(c, c, 3, 1, 1, 2),
+                                  conv_bn(c, c, 1)))
+    check_one_conv(block, x)
+    report = reparam.explain(block, x)
+    (region,) = report.regions
+    assert region.geometry == f"conv5x5({c}->{c},g1)"
+    assert region.macs_after <= region.macs_before
