@@ -34,6 +34,7 @@ class Plan:
     values: dict[fx.Node, Value]
     barriers: set[fx.Node]
     reasons: dict[fx.Node, str] = field(default_factory=dict)
+    hints: set[fx.Node] = field(default_factory=set)  # boundaries that would let a merge happen
 
 
 def _per_sample(shape: Sequence[int] | None) -> int:
@@ -100,7 +101,8 @@ class Folder:
         return result
 
     def _fold_node(self, node: fx.Node, op: Op, values: dict[fx.Node, Value],
-                   barriers: set[fx.Node], reasons: dict[fx.Node, str]) -> Value:
+                   barriers: set[fx.Node], reasons: dict[fx.Node, str],
+                   hints: set[fx.Node]) -> Value:
         rules = self.by_kind.get(op.kind, [])
         merging = any(
             isinstance(values.get(a), Lin) and a not in barriers and values[a].nodes
@@ -115,6 +117,8 @@ class Folder:
                     result = r.fold(ctx, op)
                 except NoFold as e:
                     last_reason = str(e)
+                    if not cut and e.barrier is not None and e.barrier not in barriers:
+                        hints.add(e.barrier)
                     continue
                 if result is not None:
                     if cut:
@@ -130,6 +134,7 @@ class Folder:
 
     def interpret(self, barriers: set[fx.Node]) -> Plan:
         values: dict[fx.Node, Value] = {}
+        hints: set[fx.Node] = set()
         self._keep.append(values)
         reasons: dict[fx.Node, str] = {}
         for node in self.graph.nodes:
@@ -161,10 +166,13 @@ class Folder:
                     values[node] = memo[1]
                     if memo[2] is not None:
                         reasons[node] = memo[2]
+                    hints |= memo[3] - barriers
                     continue
-                values[node] = self._fold_node(node, op, values, barriers, reasons)
-                self._memo[node] = (key, values[node], reasons.get(node))
-        return Plan(values, barriers, reasons)
+                found: set[fx.Node] = set()
+                values[node] = self._fold_node(node, op, values, barriers, reasons, found)
+                self._memo[node] = (key, values[node], reasons.get(node), found)
+                hints |= found
+        return Plan(values, barriers, reasons, hints)
 
     # --- where regions end ---------------------------------------------------------------------
     def _escaping(self, plan: Plan) -> set[fx.Node]:
@@ -280,6 +288,9 @@ class Folder:
         for _ in range(10_000):
             plan = self.interpret(barriers)
             first = plan.reasons if first is None else first
+            if plan.hints:  # make meeting points boundaries first, then judge escapes
+                barriers |= plan.hints
+                continue
             new = self._escaping(plan)
             if new:
                 barriers |= new

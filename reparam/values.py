@@ -17,7 +17,15 @@ from .kernel import Kernel
 
 
 class NoFold(Exception):
-    """A rule applies to this node but cannot fold it exactly; ``str(self)`` says why."""
+    """A rule applies to this node but cannot fold it exactly; ``str(self)`` says why.
+
+    ``barrier`` names a node that, materialized on its own, would let the fold succeed (two
+    branches that meet only if one of them starts where the other passes through).
+    """
+
+    def __init__(self, reason: str, barrier: object = None) -> None:
+        super().__init__(reason)
+        self.barrier = barrier
 
 
 @dataclass(frozen=True, eq=False)

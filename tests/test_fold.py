@@ -327,3 +327,27 @@ def test_cost_is_judged_over_the_whole_region():
     (region,) = report.regions
     assert region.geometry == f"conv5x5({c}->{c},g1)"
     assert region.macs_after <= region.macs_before
+
+
+class GhostLike(nn.Module):
+    """y = conv3x3(P) + BN(P), P = conv1x1+BN(x): the 3x3 cannot compose with P's biased 1x1, so
+    it reads P; the BN branch passes through P. They meet once P is a boundary (RepGhost)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p = conv_bn(4, 6, 1)
+        self.k = conv_bn(6, 6, 3, 1, 1, groups=6)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        p = self.p(x)
+        return F.relu(self.k(p) + self.bn(p))
+
+
+def test_branches_meet_where_one_starts_and_the_other_passes():
+    block = randomize_bn(GhostLike())
+    x = torch.randn(2, 4, 7, 7)
+    folded = reparam.fold(block, (x,))
+    assert ops(folded) == {"conv": 2}
+    assert_equivalent(block, folded, x)
+    assert_exact64(block, x)

@@ -209,11 +209,17 @@ def _branch_laws(ctx: Context, kernels: list[Kernel]) -> None:
 
 
 def _same_source(lins: list[Lin]) -> None:
+    """All branches must read one input. When one branch starts at a node that another passes
+    through, that node is the meeting point: the refusal names it, so the driver can make it a
+    region boundary and both branches read it."""
     first = lins[0]
     for other in lins[1:]:
         if other.source is not first.source:
+            meet = next((a.source for a, b in ((first, other), (other, first))
+                         if a.source in b.nodes), None)
             raise NoFold(f"branches read different tensors, {_source_name(first)} and "
-                         f"{_source_name(other)}: the sum is not one linear map of one input")
+                         f"{_source_name(other)}: the sum is not one linear map of one input",
+                         barrier=meet)
 
 
 @rule("parallel_sum", "add", "sub")
