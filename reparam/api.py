@@ -212,7 +212,10 @@ def _leaf_recorder(store: dict, name: str):
 def _fold_inside(gm: fx.GraphModule, path: str, captured: dict[str, tuple] | None, rules,
                  max_cost: float, report: Report) -> None:
     """Fold the children of an untraceable leaf module, one by one."""
-    leaf = gm.get_submodule(path)
+    try:
+        leaf = gm.get_submodule(path)
+    except AttributeError:  # folded away as a whole
+        return
     for module in leaf.modules():
         module._forward_pre_hooks.clear()
     for name, child in list(leaf.named_children()):

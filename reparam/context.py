@@ -24,11 +24,12 @@ class Context:
 
     def __init__(self, node: fx.Node, op: Op, values: Mapping[fx.Node, Value],
                  barriers: set[fx.Node], mutated: set[fx.Node], enabled: set[str],
-                 cut: bool = False) -> None:
+                 cut: bool = False, device: torch.device | None = None) -> None:
         self.node, self.op = node, op
         self._values, self._barriers, self._mutated = values, barriers, mutated
         self._enabled = enabled
         self.cut = cut
+        self.device = device
         self.used: list[str] = []
 
     # --- laws ------------------------------------------------------------------------------
@@ -90,7 +91,7 @@ class Context:
         if rank < 2 or (not channels_last and rank != nd + 2):
             raise NoFold(f"'{arg}' has rank {rank}, not the batched layout this op expects")
         channels = shape[-1] if channels_last else shape[1]
-        ident = K.identity(channels, nd, channels_last)
+        ident = K.identity(channels, nd, channels_last, device=self.device)
         return Lin(arg, ident, frozenset())
 
     def layout_of(self, arg: Any) -> Layout | None:

@@ -43,6 +43,9 @@ def _tuple(value: Any, nd: int) -> Any:
 _CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _CONV_T_MODULES = {nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2, nn.ConvTranspose3d: 3}
 _BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+# a subclass that overrides forward computes something else (e.g. BN + activation): opaque
+_BN_FORWARDS = {nn.BatchNorm1d.forward, nn.BatchNorm2d.forward, nn.BatchNorm3d.forward,
+                nn.SyncBatchNorm.forward}
 _AVG_MODULES = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
 _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
                      nn.AlphaDropout)
@@ -71,7 +74,7 @@ def _module_op(node: fx.Node, m: nn.Module) -> Op | None:
         return Op("conv", (x,), attrs, owner)
     if kind is nn.Linear:
         return Op("linear", (x,), dict(weight=m.weight, bias=m.bias), owner)
-    if isinstance(m, _BN_MODULES):
+    if isinstance(m, _BN_MODULES) and type(m).forward in _BN_FORWARDS:
         attrs = dict(mean=m.running_mean, var=m.running_var, weight=m.weight, bias=m.bias,
                      eps=m.eps, training=m.training or m.running_mean is None)
         return Op("batch_norm", (x,), attrs, owner)

@@ -65,6 +65,8 @@ class Folder:
         for n in self.graph.nodes:
             n.meta["_reparam_what"] = _what(n, self.modules)
             n.meta["_reparam_linear"] = self.ops[n] is not None
+        param = next(iter(gm.parameters()), None)
+        self.device = param.device if param is not None else None
         self.forced: dict[fx.Node, str] = {}  # nodes kept as ops by the cost policy
         self.cost_reasons: dict[fx.Node, str] = {}  # where a dear region was split
         self._consts: dict[fx.Node, Value] = {}
@@ -112,7 +114,8 @@ class Folder:
         for cut in (False, True) if merging else (False,):
             last_reason = None
             for r in rules:
-                ctx = Context(node, op, values, barriers, self.mutated, self.enabled, cut=cut)
+                ctx = Context(node, op, values, barriers, self.mutated, self.enabled, cut=cut,
+                              device=self.device)
                 try:
                     result = r.fold(ctx, op)
                 except NoFold as e:

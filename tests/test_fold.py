@@ -351,3 +351,37 @@ def test_branches_meet_where_one_starts_and_the_other_passes():
     assert ops(folded) == {"conv": 2}
     assert_equivalent(block, folded, x)
     assert_exact64(block, x)
+
+
+class NormAct(nn.BatchNorm2d):
+    """A third-party norm+activation module: a BN subclass outside torch.nn whose forward calls
+    F.batch_norm itself, so torch.fx traces into it (timm's BatchNormAct2d does this)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.drop, self.act = nn.Identity(), nn.Identity()
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, "expected a 4-d input")
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, self.momentum, self.eps)
+        return self.act(self.drop(x))
+
+
+def test_functional_batch_norm_inside_a_third_party_module_folds():
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c3 = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1, bias=False), NormAct(6))
+            self.c1 = nn.Sequential(nn.Conv2d(6, 6, 1, bias=False), NormAct(6))
+            self.identity = NormAct(6)
+
+        def forward(self, x):
+            return F.relu(self.c3(x) + self.c1(x) + self.identity(x))
+
+    check = randomize_bn(Block())
+    x = torch.randn(2, 6, 7, 7)
+    folded = reparam.fold(check, (x,))
+    assert ops(folded) == {"conv": 1}
+    assert_equivalent(check, folded, x)
+    assert "_assert" not in folded.code

@@ -231,3 +231,17 @@ def test_untraceable_submodule_becomes_a_leaf_and_is_folded_inside():
     assert n_ops(folded, "batch_norm") == 0
     assert not any(isinstance(mod, nn.BatchNorm2d) for mod in folded.modules())
     torch.testing.assert_close(folded(x), m(x), rtol=1e-4, atol=1e-5)
+
+
+class ScaledBN(nn.BatchNorm2d):
+    """A BN subclass whose forward does more (and does not trace: a Python assert)."""
+
+    def forward(self, x):
+        assert x.dim() == 4
+        return super().forward(x) * 2 + 1
+
+
+def test_bn_subclass_with_its_own_forward_is_not_taken_for_a_plain_bn():
+    block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), ScaledBN(4))
+    folded, report = fold_and_check(block, torch.randn(2, 4, 6, 6))
+    assert [p for p, _ in report.untraced] == ["1"]
