@@ -3,10 +3,12 @@
 Walk the graph in topological order; each node is *opaque*, a *constant*, or *linear in one
 source node* (:class:`~reparam.values.Lin`), as the rules say. A linear node must be materialized
 (it is a *barrier*) when something other than a linear fold reads it: a non-linear op, the output,
-an in-place op, or two regions that would each duplicate a non-trivial computation. Barriers only
-grow, so re-walking until nothing changes terminates. A region whose folded conv would cost more
-multiply-adds than the ops it replaces is split at its last op (the cost policy). Then each
-barrier becomes one new module reading its source, and the replaced nodes are removed.
+an in-place op, or two regions that would each duplicate a non-trivial computation. Two branches
+that meet only if one starts where the other passes through make that node a barrier too. A region
+whose folded conv would cost more multiply-adds than the ops it replaces is split where the cost
+arises (the cost policy). Barriers and kept ops only grow, so re-walking until nothing changes
+terminates; a re-walk recomputes only nodes whose inputs changed. Then each barrier becomes one new
+module reading its source, and the replaced nodes are removed.
 """
 
 from __future__ import annotations
