@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -15,7 +14,15 @@ from .ops import describe
 from .report import Report
 from .rewrite import fold_graph
 from .rules import ALL
-from .trace import as_inputs, guess_inputs, light_copy, own_tensors, propagate_shapes, trace
+from .trace import (
+    as_inputs,
+    deep_copy,
+    guess_inputs,
+    light_copy,
+    own_tensors,
+    propagate_shapes,
+    trace,
+)
 from .values import Rule
 
 _BN = (nn.modules.batchnorm._BatchNorm,)
@@ -231,7 +238,7 @@ def _fold_inside(gm: fx.GraphModule, path: str, captured: dict[str, tuple] | Non
 
 
 def _run64(module: nn.Module, inputs: tuple):
-    m = copy.deepcopy(module).to(torch.float64)
+    m = deep_copy(module).to(torch.float64)
     args = [a.to(torch.float64) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
             for a in inputs]
     with torch.no_grad():
@@ -271,7 +278,7 @@ def _check(model: nn.Module, inputs: tuple, rules, max_cost: float, leaves: tupl
     """Fold a float64 copy the same way and compare it with the float64 original on random
     inputs; on a mismatch name the first region that diverges. (Float64 on both sides, so the
     comparison measures the fold, not float32 rounding.)"""
-    original = copy.deepcopy(model).to(torch.float64)
+    original = deep_copy(model).to(torch.float64)
     inputs = tuple(torch.randn_like(t, dtype=torch.float64)
                    if isinstance(t, torch.Tensor) and t.is_floating_point() else t
                    for t in inputs)

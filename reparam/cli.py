@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import itertools
+import os
 import sys
 import threading
 import time
@@ -410,6 +411,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("reparam: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`reparam explain ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Exception as e:  # noqa: BLE001 - the command line reports every failure in one line
         if args.debug:
             traceback.print_exc()

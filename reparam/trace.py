@@ -18,11 +18,41 @@ from torch import fx, nn
 from .errors import ReparamError, TraceError
 
 
+def _cached_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Tensors held in plain attributes and containers of the modules (caches, not state)."""
+    found = []
+    for module in model.modules():
+        for value in module.__dict__.values():
+            items = value.values() if isinstance(value, dict) else (
+                value if isinstance(value, (list, tuple)) else (value,))
+            found += [t for t in items if isinstance(t, torch.Tensor)]
+    return found
+
+
 def light_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` that shares its parameter and buffer tensors."""
+    """A deep copy of ``model`` that shares its parameter and buffer tensors.
+
+    Tensors in plain attributes that cannot be copied (a non-leaf cache entry from a forward
+    with grad enabled, as LeViT keeps) are shared too: the copy's containers are new, so nothing
+    written into them during tracing reaches the caller's model.
+    """
     memo = {id(t): t for t in model.parameters()}
     memo.update({id(t): t for t in model.buffers()})
-    return copy.deepcopy(model, memo)
+    try:
+        return copy.deepcopy(model, dict(memo))
+    except RuntimeError:
+        memo.update({id(t): t for t in _cached_tensors(model)})
+        return copy.deepcopy(model, memo)
+
+
+def deep_copy(model: nn.Module) -> nn.Module:
+    """A fully independent copy, even of a model holding non-leaf tensors in a cache."""
+    try:
+        return copy.deepcopy(model)
+    except RuntimeError:
+        memo = {id(t): t.detach().clone() for t in _cached_tensors(model)
+                if not t.is_leaf}
+        return copy.deepcopy(model, memo)
 
 
 def own_tensors(folded: nn.Module, original: nn.Module) -> None:

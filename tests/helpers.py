@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import fx, nn
 
 import reparam
+from reparam.trace import deep_copy
 
 BN = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -29,7 +28,7 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def run64(model: nn.Module, *inputs: torch.Tensor):
-    m = copy.deepcopy(model).double()
+    m = deep_copy(model).double()
     with torch.no_grad():
         return m(*[x.double() for x in inputs])
 
@@ -52,7 +51,7 @@ def assert_equivalent(model: nn.Module, folded: nn.Module, *inputs: torch.Tensor
 
 def assert_exact64(model: nn.Module, *inputs: torch.Tensor, tol: float = 1e-10, **kw) -> nn.Module:
     """Fold a float64 copy and compare with the float64 original: exact to ``tol``."""
-    m64 = copy.deepcopy(model).double()
+    m64 = deep_copy(model).double()
     x64 = [x.double() for x in inputs]
     folded = reparam.fold(m64, tuple(x64), **kw)
     with torch.no_grad():

@@ -245,3 +245,25 @@ def test_bn_subclass_with_its_own_forward_is_not_taken_for_a_plain_bn():
     block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), ScaledBN(4))
     folded, report = fold_and_check(block, torch.randn(2, 4, 6, 6))
     assert [p for p, _ in report.untraced] == ["1"]
+
+
+class Cached(nn.Module):
+    """Keeps a non-leaf tensor in a plain dict after a forward with grad enabled (LeViT does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = conv_bn(4, 4, 3, 1, 1)
+        self.cache: dict = {}
+
+    def forward(self, x):
+        self.cache["last"] = self.c[1].weight * 2  # non-leaf: deepcopy refuses it
+        return self.c(x)
+
+
+def test_model_with_a_non_leaf_tensor_cache_still_folds():
+    m = randomize_bn(Cached())
+    x = torch.randn(2, 4, 6, 6)
+    m(x)
+    folded = reparam.fold(m, (x,))
+    assert n_ops(folded, "batch_norm") == 0
+    assert_equivalent(m, folded, x)
