@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -10,12 +11,13 @@ import torch
 from torch import fx, nn
 
 from .errors import CheckError, ReparamError, TraceError
-from .ops import describe
+from .ops import describe, mutated_input
 from .report import Report
 from .rewrite import fold_graph
 from .rules import ALL
 from .trace import (
     as_inputs,
+    clone_inputs,
     deep_copy,
     guess_inputs,
     light_copy,
@@ -28,17 +30,28 @@ from .values import Rule
 _BN = (nn.modules.batchnorm._BatchNorm,)
 
 
-def _validate(model: object, rules: object, max_cost: float) -> None:
+def _validate(model: object, rules: object, max_cost: object, leaf_modules: object) -> None:
     if not isinstance(model, nn.Module):
         raise ReparamError(
             f"fold expects a torch.nn.Module, got {type(model).__name__}; pass the model object "
             "(load a saved state_dict into its class first)"
         )
-    if isinstance(rules, Rule) or not all(isinstance(r, Rule) for r in rules):
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ReparamError("a TorchScript module cannot be traced by torch.fx: fold the eager "
+                           "model, then script the folded one")
+    if not isinstance(rules, (list, tuple)) or not all(isinstance(r, Rule) for r in rules):
         raise ReparamError("rules must be a sequence of reparam rules, e.g. reparam.rules.ALL "
                            "or reparam.rules.REPVGG + (my_rule,)")
-    if not max_cost > 0:
-        raise ReparamError("max_cost must be a positive ratio (1.0: never dearer)")
+    if isinstance(max_cost, bool) or not isinstance(max_cost, (int, float)) or not max_cost > 0:
+        raise ReparamError("max_cost must be a positive number: the largest allowed ratio of "
+                           "folded to original multiply-adds per region (1.0: never dearer)")
+    if not isinstance(leaf_modules, (list, tuple)) or not all(
+        isinstance(p, str) for p in leaf_modules
+    ):
+        raise ReparamError("leaf_modules must be a list of submodule paths, e.g. ['stage2.attn']")
+    if any(nn.parameter.is_lazy(t) for t in list(model.parameters()) + list(model.buffers())):
+        raise ReparamError("the model has lazy modules that were never run: run one forward pass "
+                           "to initialize them, then fold")
     training = [name or type(model).__name__ for name, m in model.named_modules()
                 if m.training and (isinstance(m, _BN) or name == "")]
     if training:
@@ -99,12 +112,15 @@ def fold(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] = ALL,
     ``check=True`` compares the folded and original models in float64 on random inputs and raises
     :class:`~reparam.errors.CheckError` naming the first region that diverges.
     """
-    rules = tuple(rules) if not isinstance(rules, Rule) else rules
-    _validate(model, rules, max_cost)
+    _validate(model, rules, max_cost, leaf_modules)
+    rules = tuple(rules)
     inputs = as_inputs(example_inputs)
     start = time.perf_counter()
     folded, report, inputs = _fold_module(model, inputs, rules, max_cost, tuple(leaf_modules))
     own_tensors(folded, model)
+    if isinstance(folded, fx.GraphModule):
+        for name in ("_forward_hooks", "_forward_pre_hooks"):  # the root's hooks still apply
+            getattr(folded, name).update(getattr(model, name))
     report.params_before, report.params_after = _params(model), _params(folded)
     report.fold_seconds = time.perf_counter() - start
     folded.reparam_report = report
@@ -136,7 +152,8 @@ def _fold_module(model: nn.Module, inputs: tuple | None, rules, max_cost: float,
     if inputs is None:
         inputs = guess_inputs(model, gm)
     captured = _capture_leaf_inputs(gm, [p for p, _ in untraced])
-    propagate_shapes(gm, inputs)
+    traced_out = propagate_shapes(gm, inputs)
+    _check_trace_fidelity(model, gm, inputs, traced_out)
     ops_before = count_ops(gm)
     report = fold_graph(gm, rules, max_cost)
     report.ops_before, report.ops_after = ops_before, count_ops(gm)
@@ -144,6 +161,32 @@ def _fold_module(model: nn.Module, inputs: tuple | None, rules, max_cost: float,
     for path, _ in untraced:
         _fold_inside(gm, path, captured.get(path), rules, max_cost, report)
     return gm, report, inputs
+
+
+_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.truediv, operator.matmul,
+               torch.add, torch.sub, torch.mul, torch.div}
+
+
+def _check_trace_fidelity(model: nn.Module, gm: fx.GraphModule, inputs: tuple,
+                          traced_out) -> None:
+    """torch.fx records ``t += 1`` on a tensor as an out-of-place add whose result it drops, and
+    in-place ops may alias in ways a trace does not show. Where the graph has such signs (a dead
+    arithmetic node, an in-place op), run the eager model on the same input and compare."""
+    suspicious = any(
+        (n.op == "call_function" and n.target in _ARITHMETIC and not n.users)
+        or mutated_input(n, dict(gm.named_modules())) is not None
+        for n in gm.graph.nodes
+    )
+    if not suspicious:
+        return
+    with torch.no_grad():
+        eager = light_copy(model)(*clone_inputs(inputs))
+    if relative_error(traced_out, eager) > 1e-5:
+        raise ReparamError(
+            f"torch.fx traced {type(model).__name__} differently from eager mode (an in-place "
+            "`+=` on a tensor, or Python state in forward): write `x = x + y` instead, or fold "
+            "its submodules one by one"
+        )
 
 
 def _fold_children(model: nn.Module, inputs, rules, max_cost: float, why: str):
@@ -155,13 +198,34 @@ def _fold_children(model: nn.Module, inputs, rules, max_cost: float, why: str):
         args = captured.get(name)  # None: not reached by the example input; guessed instead
         if not _parameterized(child):
             continue
-        try:
-            folded, sub, _ = _fold_module(child, args, rules, max_cost, ())
-        except ReparamError:
-            continue
-        setattr(root, name, folded)
-        report.merge(sub, name)
+        folded = _fold_child(child, args, rules, max_cost, report, name)
+        if folded is not None:
+            setattr(root, name, folded)
     return root, report, inputs
+
+
+def _fold_child(child: nn.Module, args, rules, max_cost: float, report: Report,
+                path: str) -> nn.Module | None:
+    """Fold one child of an untraceable module, keeping the plain attributes its parent may read
+    (``self.attn.resolution``); ``None`` when it cannot be folded or folding changed it."""
+    try:
+        folded, sub, args = _fold_module(child, args, rules, max_cost, ())
+    except ReparamError as e:
+        report.untraced.append((path, str(e).splitlines()[0][:200]))
+        return None
+    for key, value in vars(child).items():
+        if not key.startswith("_") and not hasattr(folded, key):
+            setattr(folded, key, value)
+    try:
+        with torch.no_grad():
+            same = relative_error(folded(*clone_inputs(args)), child(*clone_inputs(args))) < 1e-4
+    except Exception:  # noqa: BLE001 - a child that does not run alone: keep the original
+        same = False
+    if not same:
+        report.untraced.append((path, "folded alone it did not reproduce its output: kept"))
+        return None
+    report.merge(sub, path)
+    return folded
 
 
 def _parameterized(module: nn.Module) -> bool:
@@ -229,12 +293,9 @@ def _fold_inside(gm: fx.GraphModule, path: str, captured: dict[str, tuple] | Non
         args = (captured or {}).get(name)  # None: not reached by the example input
         if not _parameterized(child):
             continue
-        try:
-            folded, sub, _ = _fold_module(child, args, rules, max_cost, ())
-        except ReparamError:
-            continue
-        setattr(leaf, name, folded)
-        report.merge(sub, f"{path}.{name}")
+        folded = _fold_child(child, args, rules, max_cost, report, f"{path}.{name}")
+        if folded is not None:
+            setattr(leaf, name, folded)
 
 
 def _run64(module: nn.Module, inputs: tuple):
@@ -267,9 +328,9 @@ def relative_error(got, want) -> float:
 
 def max_error(original: nn.Module, folded: nn.Module, inputs: tuple) -> float:
     """The folded model (its own dtype) against the original run in float64."""
-    want = _run64(original, inputs)
+    want = _run64(original, clone_inputs(inputs))
     with torch.no_grad():
-        got = folded(*inputs)
+        got = folded(*clone_inputs(inputs))
     return relative_error(got, want)
 
 
@@ -284,7 +345,7 @@ def _check(model: nn.Module, inputs: tuple, rules, max_cost: float, leaves: tupl
                    for t in inputs)
     folded, sub, _ = _fold_module(original, inputs, rules, max_cost, leaves)
     with torch.no_grad():
-        err = relative_error(folded(*inputs), original(*inputs))
+        err = relative_error(folded(*clone_inputs(inputs)), original(*clone_inputs(inputs)))
     if err <= tol:
         return
     culprit = _first_bad_region(original, folded, inputs, sub, tol)
@@ -320,8 +381,8 @@ def _first_bad_region(original: nn.Module, folded: nn.Module, inputs: tuple, rep
     want = _Recorder(before, {r.output for r in report.regions})
     got = _Recorder(folded, {r.node for r in report.regions})
     with torch.no_grad():
-        want.run(*inputs)
-        got.run(*inputs)
+        want.run(*clone_inputs(inputs))
+        got.run(*clone_inputs(inputs))
     for r in report.regions:
         a, b = got.seen.get(r.node), want.seen.get(r.output)
         if a is not None and b is not None and relative_error(a, b) > tol:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import itertools
 import os
 import sys
@@ -25,7 +26,7 @@ import torch
 from torch import fx, nn
 
 from . import __version__, rules
-from .api import fold, max_error
+from .api import count_macs, fold, max_error
 from .errors import ReparamError
 from .ops import dtype_of, shape_of
 from .report import Report
@@ -42,7 +43,8 @@ SPEC_HELP = ("a saved module file (torch.save(model, FILE); loading runs pickled
 @contextmanager
 def progress(label: str) -> Iterator[None]:
     """A spinner with the elapsed time on stderr while the block runs (only on a terminal)."""
-    if not sys.stderr.isatty():
+    stream = sys.stderr
+    if not stream.isatty():
         yield
         return
     done = threading.Event()
@@ -50,12 +52,12 @@ def progress(label: str) -> Iterator[None]:
 
     def spin() -> None:
         for mark in itertools.cycle("|/-\\"):
-            sys.stderr.write(f"\r{mark} {label} ({time.perf_counter() - start:.1f} s)")
-            sys.stderr.flush()
+            stream.write(f"\r{mark} {label} ({time.perf_counter() - start:.1f} s)")
+            stream.flush()
             if done.wait(0.1):
                 break
-        sys.stderr.write("\r\033[K")
-        sys.stderr.flush()
+        stream.write("\r\033[K")
+        stream.flush()
 
     thread = threading.Thread(target=spin, daemon=True)
     thread.start()
@@ -66,6 +68,25 @@ def progress(label: str) -> Iterator[None]:
         thread.join()
 
 
+@contextmanager
+def held_stderr(debug: bool) -> Iterator[None]:
+    """Hold what the block writes to stderr: pass it on if the block succeeds (warnings), drop it
+    if it fails (torch.fx's shape propagation prints a traceback before it raises) unless
+    ``debug``. The error itself is then reported in one line."""
+    real, held = sys.stderr, io.StringIO()
+    sys.stderr = held
+    try:
+        yield
+    except BaseException:
+        if debug:
+            real.write(held.getvalue())
+        raise
+    else:
+        real.write(held.getvalue())
+    finally:
+        sys.stderr = real
+
+
 # --- loading a model --------------------------------------------------------------------------
 
 def load_model(spec: str, *, seed: int = 0, eval_mode: bool = False) -> nn.Module:
@@ -73,6 +94,7 @@ def load_model(spec: str, *, seed: int = 0, eval_mode: bool = False) -> nn.Modul
     taken as it is (``eval_mode=True`` switches it too)."""
     if str(Path.cwd()) not in sys.path and "" not in sys.path:
         sys.path.insert(0, str(Path.cwd()))  # builders and pickled classes of the current folder
+    torch.manual_seed(seed)  # the same SPEC and seed give the same weights and random inputs
     path = Path(spec)
     if path.is_file():
         model = _load_file(path)
@@ -85,7 +107,6 @@ def load_model(spec: str, *, seed: int = 0, eval_mode: bool = False) -> nn.Modul
                 f"{spec} holds a module in training mode ({training[0]}); save it after "
                 "model.eval(), or pass --eval to switch it to eval mode here")
         return model
-    torch.manual_seed(seed)  # builders initialize at random: the same SPEC and seed, same weights
     if spec.startswith("timm:"):
         model = _timm_model(spec[len("timm:"):])
     elif ":" in spec:
@@ -180,16 +201,17 @@ def guessed_inputs(folded: nn.Module) -> tuple | None:
     return tuple(torch.randn(s, dtype=d) for s, d in shapes)
 
 
-def fold_and_measure(model: nn.Module, args: argparse.Namespace, check: bool = False
-                     ) -> tuple[nn.Module, Report, tuple | None]:
-    """``reparam.fold`` with the command line's options, then the max error on the inputs used
-    (the given shapes, else the ones ``fold`` guessed) set on the report, as ``explain`` does."""
+def fold_and_measure(model: nn.Module, args: argparse.Namespace, *, check: bool = False,
+                     measure: bool = True) -> tuple[nn.Module, Report, tuple | None]:
+    """``reparam.fold`` with the command line's options; returns the folded model, its report
+    and the inputs used (the given shapes, else the ones ``fold`` guessed). With ``measure``,
+    the max error on those inputs is set on the report, as ``explain`` does."""
     inputs = make_inputs(model, args.input_shape)
     folded = fold(model, inputs, rules=RULE_SETS[args.rules], max_cost=args.max_cost,
                   check=check)
     report = folded.reparam_report
     inputs = inputs if inputs is not None else guessed_inputs(folded)
-    if inputs is not None:
+    if measure and inputs is not None:
         report.max_error = max_error(model, folded, inputs)
     return folded, report, inputs
 
@@ -208,6 +230,18 @@ def _picklable(module: nn.Module) -> None:
                 tracer()
             except TypeError:
                 m._tracer_cls = None
+
+
+def _macs(model: nn.Module, folded: nn.Module, inputs: tuple | None) -> str | None:
+    """``"before -> after (change) per sample"``, or ``None`` where they cannot be counted."""
+    if inputs is None:
+        return None
+    try:
+        before, after = count_macs(model, inputs), count_macs(folded, inputs)
+    except ReparamError:
+        return None
+    change = f" ({after / before - 1:+.1%})" if before else ""
+    return f"{before:,} -> {after:,}{change} per sample"
 
 
 def _count(ops: dict[str, int]) -> int:
@@ -241,7 +275,8 @@ def cmd_fold(args: argparse.Namespace) -> int:
     with progress(f"loading {args.spec}"):
         model = load_model(args.spec, seed=args.seed, eval_mode=args.eval)
     start = time.perf_counter()
-    with progress("tracing, folding" + (" and checking in float64" if args.check else "")):
+    with progress("tracing, folding" + (" and checking in float64" if args.check else "")), \
+            held_stderr(args.debug):
         folded, report, inputs = fold_and_measure(model, args, check=args.check)
     wall = time.perf_counter() - start
     with progress(f"saving {out}"):
@@ -257,15 +292,18 @@ def cmd_fold(args: argparse.Namespace) -> int:
     if report.params_before:
         params += f" ({report.params_after / report.params_before - 1:+.1%})"
     guessed = "" if args.input_shape else " (guessed; set it with --input-shape)"
+    macs = _macs(model, folded, inputs)
     lines = [
         f"folded {args.spec} ({type(model).__name__})",
         f"  input     {_shapes(inputs)}{guessed}",
         f"  ops       {_count(before)} -> {_count(after)}: {ops}",
         f"  params    {params}",
+        *([f"  MACs      {macs}"] if macs else []),
         f"  regions   {len(report.regions)} folded, {len(report.leftovers)} linear ops left "
         "unfolded" + (f", {len(report.untraced)} parts not traced" if report.untraced else ""),
         f"  time      fold {report.fold_seconds:.2f} s"
-        + (f", check {max(wall - report.fold_seconds, 0):.2f} s" if args.check else ""),
+        + (f", check and error {max(wall - report.fold_seconds, 0):.2f} s" if args.check
+           else ""),
     ]
     if report.max_error is not None:
         lines.append(f"  error     {report.max_error:.1e} max |folded - original| / max |original| "
@@ -285,7 +323,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     with progress(f"loading {args.spec}"):
         model = load_model(args.spec, seed=args.seed, eval_mode=args.eval)
-    with progress("tracing and folding"):
+    with progress("tracing and folding"), held_stderr(args.debug):
         _, report, _ = fold_and_measure(model, args)
     print(report)
     return 0
@@ -299,11 +337,11 @@ def cmd_draw(args: argparse.Namespace) -> int:
         raise ReparamError(f"cannot write {out}: the folder {out.parent} does not exist")
     with progress(f"loading {args.spec}"):
         model = load_model(args.spec, seed=args.seed, eval_mode=args.eval)
-    with progress("tracing and folding"):
+    with progress("tracing and folding"), held_stderr(args.debug):
         inputs = make_inputs(model, args.input_shape)
         path = args.block
         if path is None or inputs is None:  # fold the whole model to find the block or inputs
-            _, report, inputs = fold_and_measure(model, args)
+            _, report, inputs = fold_and_measure(model, args, measure=False)
             path = draw.block_of(model, report) if path is None else path
         picture = draw.picture(model, path, inputs, rules=RULE_SETS[args.rules],
                                max_cost=args.max_cost)
@@ -313,9 +351,9 @@ def cmd_draw(args: argparse.Namespace) -> int:
     except OSError as e:
         raise ReparamError(f"cannot write {out}: {e.strerror or e}") from e
     report = picture.report
-    print(f"drew {picture.path or 'the whole model'} ({picture.kind}): {picture.ops_before} ops "
-          f"-> {picture.ops_after}, params {report.params_before:,} -> {report.params_after:,}; "
-          f"wrote {out}")
+    print(f"drew {picture.path or 'the whole model'} ({picture.kind}): ops "
+          f"{picture.ops_before} -> {picture.ops_after}, params {report.params_before:,} -> "
+          f"{report.params_after:,}; wrote {out}")
     return 0
 
 
@@ -365,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest folded/original multiply-add ratio per region (default 1)")
     common.add_argument("--seed", type=int, default=0,
                         help="random seed for builder weights and inputs (default 0)")
+    common.add_argument("--threads", type=int, default=1, metavar="N",
+                        help="CPU threads for torch (default 1: a fold works on many small "
+                             "tensors, where more threads cost more time than they save)")
     common.add_argument("--eval", action="store_true",
                         help="switch a module loaded from a file to eval mode")
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -406,6 +447,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "draw" and Path(args.output).suffix.lower() not in (".svg", ".html",
                                                                            ".htm"):
         parser.error(f"draw writes .svg or .html, not '{args.output}'")
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, not {args.threads}")
+    torch.set_num_threads(args.threads)
     try:
         return args.run(args)
     except KeyboardInterrupt:
@@ -420,6 +464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(e).split()) or "(no message)"
         if not isinstance(e, ReparamError):
             message = f"{type(e).__name__}: {message}"
+        elif "example_inputs" in message:
+            message += " (here: --input-shape)"
         print(f"reparam: error: {message}", file=sys.stderr)
         return 1
 

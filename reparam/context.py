@@ -9,10 +9,14 @@ import torch
 from torch import Tensor, fx
 
 from . import kernel as K
-from .ops import Op, shape_of
+from .ops import Op, dtype_of, shape_of
 from .values import OPAQUE, Const, Lin, NoFold, Value, merge_rules
 
 Layout = tuple[int, bool]  # (spatial dims, channels_last)
+
+
+def _is_identity(k: K.Kernel) -> bool:
+    return k.is_diagonal and not k.has_bias and bool(torch.all(k.weight == 1))
 
 
 class Context:
@@ -75,7 +79,11 @@ class Context:
         if isinstance(value, Lin):
             k = value.kernel
             if layout is not None and (k.nd, k.channels_last) != layout:
-                raise NoFold(f"'{arg}' has another layout than this op expects")
+                if not _is_identity(k):
+                    raise NoFold(f"'{arg}' has another layout than this op expects")
+                # an identity (e.g. Dropout) is the identity in any layout: re-lay it out
+                ident = self.lin(value.source, layout).kernel
+                return Lin(value.source, ident, value.nodes, value.rules)
             return value
         if not isinstance(arg, fx.Node) or isinstance(value, Const):
             raise NoFold(f"operand '{arg}' is a constant, not a tensor computed from the input")
@@ -129,6 +137,10 @@ class Context:
         source = inputs[0].source
         if any(i.source is not source for i in inputs):
             raise NoFold("branches read different inputs")
+        out_dtype, in_dtype = dtype_of(self.node), dtype_of(source)
+        if out_dtype is not None and in_dtype is not None and out_dtype != in_dtype:
+            raise NoFold(f"the op turns {in_dtype} into {out_dtype} (type promotion by a "
+                         "constant): one module could not reproduce that")
         nodes = frozenset().union(*(i.nodes for i in inputs)) | {self.node}
         rules = merge_rules(*(i.rules for i in inputs), [rule], self.used)
         return Lin(source, kernel, nodes, rules)

@@ -144,22 +144,29 @@ def label(node: fx.Node, gm: fx.GraphModule, modules: dict[str, nn.Module]
 
 
 def op_graph(gm: fx.GraphModule) -> nx.DiGraph:
-    """The data flow of ``gm``: the nodes computed from its inputs (parameters and constant
-    arithmetic left out), each with ``label``, ``detail``, ``kind`` and ``order``."""
+    """The data flow of ``gm`` from its inputs to its output, each node with ``label``,
+    ``detail``, ``kind`` and ``order``. Parameters, constant arithmetic, identities
+    (``nn.Identity``, dropout in eval, ``contiguous``) and what the output does not depend on
+    (shape assertions) are left out, as the papers draw blocks."""
     modules = dict(gm.named_modules())
     graph = nx.DiGraph()
-    live: set[fx.Node] = set()
+    shown: dict[fx.Node, str] = {}  # node -> the drawn node that stands for its value
     for i, node in enumerate(gm.graph.nodes):
-        if not (node.op in ("placeholder", "output")
-                or any(x in live for x in node.all_input_nodes)):
+        inputs = [shown[x] for x in node.all_input_nodes if x in shown]
+        if not (node.op in ("placeholder", "output") or inputs):
             continue
-        live.add(node)
+        op = describe(node, modules) if node.op not in ("placeholder", "output") else None
+        if op is not None and op.kind == "identity" and len(inputs) == 1:
+            shown[node] = inputs[0]
+            continue
+        shown[node] = node.name
         text, detail, kind = label(node, gm, modules)
         graph.add_node(node.name, label=text, detail=detail, kind=kind, order=i)
-        for x in node.all_input_nodes:
-            if x in live:
-                graph.add_edge(x.name, node.name)
-    return graph
+        for x in dict.fromkeys(inputs):
+            graph.add_edge(x, node.name)
+    outputs = [n for n, d in graph.nodes(data=True) if d["label"] == "output"]
+    keep = set(outputs).union(*(nx.ancestors(graph, n) for n in outputs))
+    return graph.subgraph(n for n in graph.nodes if n in keep).copy()  # no dead ends (asserts)
 
 
 # --- layout -----------------------------------------------------------------------------------

@@ -59,7 +59,13 @@ _PAD_MODULES = {
 }
 
 
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
 def _module_op(node: fx.Node, m: nn.Module) -> Op | None:
+    if _has_hooks(m):
+        return None  # a hook may change what the module computes: keep it as it is
     x = node.args[0] if node.args else node.kwargs.get("input")
     owner = str(node.target)
     kind = type(m)
@@ -87,7 +93,10 @@ def _module_op(node: fx.Node, m: nn.Module) -> Op | None:
                      divisor_override=getattr(m, "divisor_override", None), nd=nd)
         return Op("avg_pool", (x,), attrs, owner)
     if isinstance(m, _IDENTITY_MODULES):
-        return Op("identity", (x,), {}, owner)
+        return None if m.training and not isinstance(m, nn.Identity) else Op(
+            "identity", (x,), {}, owner)
+    if kind is nn.Flatten:
+        return Op("flatten", (x,), dict(start_dim=m.start_dim, end_dim=m.end_dim), owner)
     if kind in _PAD_MODULES:
         value = getattr(m, "value", 0.0)
         return Op("pad", (x,), dict(pad=tuple(m.padding), mode=_PAD_MODULES[kind], value=value))
@@ -198,6 +207,15 @@ _FUNCTIONS: dict[Any, tuple[tuple, Callable[[dict], Op]]] = {
                 lambda b: None if b["training"] or b["inplace"]
                 else Op("identity", (b["input"],))),
 }
+def _flatten_fn(b: dict) -> Op:
+    return Op("flatten", (b["input"],), dict(start_dim=b["start_dim"], end_dim=b["end_dim"]))
+
+
+_FLATTEN_SIG = (("input", _REQUIRED), ("start_dim", 0), ("end_dim", -1))
+_FUNCTIONS[torch.flatten] = (_FLATTEN_SIG, _flatten_fn)
+_FUNCTIONS[torch.reshape] = ((("input", _REQUIRED), ("shape", _REQUIRED)),
+                             lambda b: Op("reshape", (b["input"],), dict(shape=b["shape"])))
+
 _METHODS: dict[str, tuple[tuple, Callable[[dict], Op | None]]] = {
     "add": (_BINARY_SIG, _binary("add")),
     "sub": (_BINARY_SIG, _binary("sub")),
@@ -208,7 +226,14 @@ _METHODS: dict[str, tuple[tuple, Callable[[dict], Op | None]]] = {
     "neg": ((("input", _REQUIRED),), lambda b: Op("neg", (b["input"],))),
     "contiguous": ((("input", _REQUIRED),), lambda b: Op("identity", (b["input"],))),
     "clone": ((("input", _REQUIRED),), lambda b: Op("identity", (b["input"],))),
+    "flatten": (_FLATTEN_SIG, _flatten_fn),
+    "reshape_as": ((("input", _REQUIRED), ("other", _REQUIRED)),
+                   lambda b: Op("reshape", (b["input"],), dict(like=b["other"]))),
+    "view_as": ((("input", _REQUIRED), ("other", _REQUIRED)),
+                lambda b: Op("reshape", (b["input"],), dict(like=b["other"]))),
 }
+# x.reshape(a, b, c) / x.view(a, b, c): the shape is given as varargs
+_VARARG_SHAPE = ("reshape", "view")
 
 
 def describe(node: fx.Node, modules: Mapping[str, nn.Module]) -> Op | None:
@@ -219,6 +244,8 @@ def describe(node: fx.Node, modules: Mapping[str, nn.Module]) -> Op | None:
     if node.op == "call_function":
         entry = _FUNCTIONS.get(node.target)
     elif node.op == "call_method":
+        if node.target in _VARARG_SHAPE and node.args:
+            return Op("reshape", (node.args[0],), dict(shape=tuple(node.args[1:])))
         entry = _METHODS.get(str(node.target))
     else:
         return None
@@ -252,6 +279,34 @@ def mutated_input(node: fx.Node, modules: Mapping[str, nn.Module]) -> fx.Node | 
         module = modules.get(str(node.target))
         if module is not None and getattr(module, "inplace", False) is True:
             return first
+    return None
+
+
+_VIEW_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "expand", "expand_as",
+                 "squeeze", "unsqueeze", "narrow", "select", "t", "as_strided", "view_as",
+                 "reshape_as", "contiguous", "detach", "unflatten", "movedim", "split", "chunk",
+                 "unbind", "diagonal", "real", "imag", "__getitem__", "type_as", "to", "float",
+                 "double", "half", "bfloat16", "data"}
+_VIEW_FUNCTIONS = {operator.getitem, torch.flatten, torch.reshape, torch.permute,
+                   torch.transpose, torch.squeeze, torch.unsqueeze, torch.narrow, torch.select,
+                   torch.split, torch.chunk, torch.unbind, torch.movedim, torch.t, torch.detach,
+                   getattr}
+
+
+def may_alias(node: fx.Node, modules: Mapping[str, nn.Module]) -> fx.Node | None:
+    """The input whose storage ``node``'s output may share (views, identities, in-place ops)."""
+    first = node.args[0] if node.args else None
+    if not isinstance(first, fx.Node):
+        return None
+    if mutated_input(node, modules) is not None:
+        return first
+    op = describe(node, modules)
+    if op is not None:
+        return first if op.kind in ("identity", "flatten", "reshape") else None
+    if node.op == "call_method" and str(node.target) in _VIEW_METHODS:
+        return first
+    if node.op == "call_function" and node.target in _VIEW_FUNCTIONS:
+        return first
     return None
 
 

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import fx, nn
 
-from .context import Context
-from .kernel import Kernel
+from .context import Context, _is_identity
 from .materialize import to_module
-from .ops import Op, describe, dtype_of, mutated_input, shape_of
+from .ops import Op, describe, dtype_of, may_alias, mutated_input, shape_of
 from .report import Leftover, Region, Report
+from .rules.tokens import SHAPE_KINDS, output_shape
 from .values import OPAQUE, Const, Lin, NoFold, Rule, Value
 
 _IMPURE_NAMES = ("rand", "normal", "bernoulli", "dropout", "empty", "multinomial", "poisson")
@@ -59,11 +59,7 @@ class Folder:
         self.ops: dict[fx.Node, Op | None] = {
             n: describe(n, self.modules) for n in self.graph.nodes
         }
-        self.mutated: set[fx.Node] = set()
-        for n in self.graph.nodes:
-            target = mutated_input(n, self.modules)
-            if target is not None:
-                self.mutated.add(target)
+        self.mutated = _mutated_aliases(self.graph, self.modules)
         for n in self.graph.nodes:
             n.meta["_reparam_what"] = _what(n, self.modules)
             n.meta["_reparam_linear"] = self.ops[n] is not None
@@ -131,7 +127,7 @@ class Folder:
                     return result
             if first_reason is None:
                 first_reason = last_reason
-                if first_reason is None and merging:
+                if first_reason is None and merging and op.kind not in SHAPE_KINDS:
                     first_reason = f"no rule in the rule set folds '{op.kind}'"
         if first_reason is not None:
             reasons[node] = first_reason
@@ -222,7 +218,7 @@ class Folder:
             if op.attrs["transposed"]:
                 return _per_sample(shape_of(op.inputs[0])) * w.shape[1] * taps
             return _per_sample(out) * w.shape[1] * taps
-        if op.kind in ("identity", "pad", "cat"):
+        if op.kind in ("identity", "pad", "cat", *SHAPE_KINDS):
             return 0
         if op.kind == "avg_pool":
             return _per_sample(out) * math.prod(op.attrs["kernel_size"])
@@ -233,7 +229,10 @@ class Folder:
         k = value.kernel
         if k.transposed:  # a transposed conv scatters from every input position
             return k.macs(_per_sample(shape_of(value.source)) // max(k.in_channels, 1))
-        return k.macs(_per_sample(shape_of(node)) // max(k.out_channels, 1))
+        positions = _per_sample(shape_of(node)) // max(k.out_channels, 1)
+        if k.nd == 0:  # nn.Linear has no groups: it costs the dense product
+            return k.in_channels * k.out_channels * positions
+        return k.macs(positions)
 
     def _too_dear(self, plan: Plan) -> tuple[set[fx.Node], dict[fx.Node, str]]:
         """Regions whose folded kernel costs more than their ops, and where to split each.
@@ -246,7 +245,7 @@ class Folder:
         forced: dict[fx.Node, str] = {}
         for b in plan.barriers:
             value = plan.values[b]
-            if not isinstance(value, Lin) or len(value.nodes) < 2 or _is_identity(value.kernel):
+            if not isinstance(value, Lin) or self._trivial(value) or _is_identity(value.kernel):
                 continue
             before = sum(self.op_cost(n) for n in value.nodes)
             after = self.kernel_cost(b, value)
@@ -263,6 +262,25 @@ class Folder:
             else:
                 forced[split[0] if split is not None else b] = why
         return cuts, forced
+
+    def _wrong_shape(self, plan: Plan) -> dict[fx.Node, str]:
+        """Barriers whose folded module would not reproduce the traced shape (a region that
+        ends inside a shape-only sandwich): kept as ops."""
+        out = {}
+        for b in plan.barriers:
+            value = plan.values[b]
+            if not isinstance(value, Lin) or self._trivial(value):
+                continue
+            source, want = shape_of(value.source), shape_of(b)
+            if source is None or want is None:
+                continue
+            if output_shape(value.kernel, source) != tuple(want):
+                out[b] = "a shape-only op inside this region is not undone here"
+        return out
+
+    def _trivial(self, value: Lin) -> bool:
+        """Fewer than two real ops: nothing to merge (identity ops vanish on their own)."""
+        return sum(1 for n in value.nodes if self.ops[n].kind != "identity") < 2
 
     def _composition_point(self, plan: Plan, nodes: list[fx.Node]):
         for n in nodes:
@@ -301,6 +319,7 @@ class Folder:
                 barriers |= new
                 continue
             cuts, forced = self._too_dear(plan)
+            forced.update(self._wrong_shape(plan))
             if not cuts and not forced:
                 plan.reasons = {**first, **self.cost_reasons, **self.forced}
                 return plan
@@ -321,11 +340,13 @@ class Folder:
                 continue
             source = done.get(value.source, value.source)
             if _is_identity(value.kernel) and value.source is not b:
+                if b in self.mutated:
+                    continue  # written in place: a copy (clone) must stay a copy
                 b.replace_all_uses_with(source)
                 done[b] = source
                 removed |= value.nodes
                 continue
-            if len(value.nodes) < 2:
+            if self._trivial(value):
                 continue
             main = max(value.nodes, key=lambda n: (self.op_cost(n), -_order(n)))
             base = self._module_name(main) or b.name
@@ -353,6 +374,9 @@ class Folder:
                               if isinstance(plan.values[b], Lin) and x in plan.values[b].nodes)
                 node.replace_input_with(x, done.get(source, source))
         self._erase(removed)
+        for node in self.graph.nodes:
+            if node.op == "placeholder" and isinstance(node.type, str):
+                node.type = None  # a string annotation (PEP 563) would not script
         self.gm.delete_all_unused_submodules()
         names = self._rename(pending)
         report.regions = [replace(r, name=names[r.name][0], node=names[r.name][1])
@@ -425,6 +449,31 @@ class Folder:
         return names
 
 
+def _mutated_aliases(graph: fx.Graph, modules: dict[str, nn.Module]) -> set[fx.Node]:
+    """Every node whose tensor an in-place op may write: the op's target and all its aliases
+    (views, identities, the in-place ops themselves), found by union-find over "may alias"."""
+    parent: dict[fx.Node, fx.Node] = {}
+
+    def find(n: fx.Node) -> fx.Node:
+        while parent.get(n, n) is not n:
+            parent[n] = parent.get(parent[n], parent[n])
+            n = parent[n]
+        return n
+
+    targets = []
+    for n in graph.nodes:
+        other = may_alias(n, modules)
+        if other is not None:
+            parent[find(n)] = find(other)
+        target = mutated_input(n, modules)
+        if target is not None:
+            targets.append(target)
+    if not targets:
+        return set()
+    roots = {find(t) for t in targets}
+    return {n for n in graph.nodes if find(n) in roots}
+
+
 def _what(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     """What a node computes, in a word: the module's class or the function's name."""
     if node.op == "call_module":
@@ -448,10 +497,6 @@ def _is_rank_query(node: fx.Node) -> bool:
 
 def _order(node: fx.Node) -> int:
     return node.meta.setdefault("_reparam_order", id(node))
-
-
-def _is_identity(k: Kernel) -> bool:
-    return (k.is_diagonal and not k.has_bias and bool(torch.all(k.weight == 1)))
 
 
 def _fetch(gm: nn.Module, target: str):

@@ -9,8 +9,10 @@ its own copies of the ones it keeps (:func:`own_tensors`).
 from __future__ import annotations
 
 import copy
+import io
 import warnings
 from collections.abc import Callable, Iterable
+from contextlib import redirect_stderr
 
 import torch
 from torch import fx, nn
@@ -71,8 +73,8 @@ class _Tracer(fx.Tracer):
     """torch.fx's tracer with leaf modules, and parameter names looked up in a table (torch's
     default scans every parameter for every attribute read: quadratic on large models)."""
 
-    def __init__(self, leaves: set[str]) -> None:
-        super().__init__()
+    def __init__(self, leaves: set[str] | frozenset[str] = frozenset()) -> None:
+        super().__init__()  # the default lets torch.load re-create a pickled GraphModule
         self.leaves = leaves
         self._names: dict[int, str] | None = None
 
@@ -205,16 +207,20 @@ def _attr(gm: nn.Module, node: fx.Node):
     return obj
 
 
-def propagate_shapes(gm: fx.GraphModule, inputs: tuple) -> None:
-    """Record every node's output shape and dtype in ``node.meta`` with one real run on the
-    first sample of the inputs (cheaper and more robust than fake tensors here)."""
+def clone_inputs(inputs: tuple) -> tuple:
+    return tuple(t.detach().clone() if isinstance(t, torch.Tensor) else t for t in inputs)
+
+
+def propagate_shapes(gm: fx.GraphModule, inputs: tuple):
+    """Record every node's output shape and dtype in ``node.meta`` with one real run on (a copy
+    of) the example inputs; returns the traced graph's output."""
     from torch.fx.passes.shape_prop import ShapeProp
 
-    first = tuple(t[:1] if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in inputs)
+    args = clone_inputs(inputs)  # the model may write into its input: never the caller's
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ShapeProp(gm).propagate(*first)
+        with torch.no_grad(), warnings.catch_warnings(), redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")  # ShapeProp prints the failing node: we raise instead
+            return ShapeProp(gm).propagate(*args)
     except Exception as e:  # noqa: BLE001
         raise ReparamError(
             f"running the traced model on example inputs failed ({type(e).__name__}: "

@@ -20,6 +20,7 @@ from .common import (
     sequential_kxk_kxk,
     zero_pad,
 )
+from .tokens import TOKENS, token_reshape
 
 #: RepVGG and MobileOne: conv+BN, 1x1 padded into KxK, BN identity as a (grouped) Dirac kernel.
 REPVGG: tuple[Rule, ...] = COMMON + (pad_small_kernel, identity_as_dirac)
@@ -30,12 +31,13 @@ DBB: tuple[Rule, ...] = COMMON + (
     pad_small_kernel, identity_as_dirac, sequential_1x1_kxk, sequential_kxk_1x1,
     avg_pool_as_conv, zero_pad, concat_branches,
 )
-#: Everything reparam knows (the default): DBB plus BN before a conv, regrouping, KxK then KxK.
-ALL: tuple[Rule, ...] = DBB + (bn_conv, regroup, sequential_kxk_kxk)
+#: Everything reparam knows (the default): DBB plus BN before a conv, regrouping, KxK then KxK,
+#: and per-channel ops inside a flatten/reshape of tokens (LeViT).
+ALL: tuple[Rule, ...] = DBB + (bn_conv, regroup, sequential_kxk_kxk) + TOKENS
 
 __all__ = [
     "ACNET", "ALL", "COMMON", "DBB", "REPVGG", "Rule", "avg_pool_as_conv", "bn_conv",
     "concat_branches", "conv", "conv_bn", "identity_as_dirac", "identity_ops", "law",
     "pad_small_kernel", "parallel_sum", "regroup", "rule", "scale_shift", "sequential_1x1_kxk",
-    "sequential_kxk_1x1", "sequential_kxk_kxk", "zero_pad",
+    "sequential_kxk_1x1", "sequential_kxk_kxk", "TOKENS", "token_reshape", "zero_pad",
 ]

@@ -164,6 +164,8 @@ def scale_shift(ctx: Context, op: Op) -> Lin | None:
                          "input (a gate or attention), so the product is not linear")
         return None
     tensor = second if const_first else first
+    if ctx.shape(tensor) is None or ctx.shape(tensor) != ctx.shape(ctx.node):
+        raise NoFold("the constant broadcasts the tensor to another shape")
     layout = ctx.layout_of(tensor)
     if layout is None:
         raise NoFold(f"the shape of '{tensor}' is unknown")
