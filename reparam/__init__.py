@@ -7,13 +7,15 @@
 from . import kernel, rules
 from .api import count_macs, count_ops, explain, fold, max_error
 from .errors import CheckError, ReparamError, TraceError
+from .kernel import NotExact
 from .report import Leftover, Region, Report
-from .values import Rule, law, rule
+from .values import NoFold, Rule, law, rule
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckError", "Leftover", "Region", "ReparamError", "Report", "Rule", "TraceError",
+    "CheckError", "Leftover", "NoFold", "NotExact", "Region", "ReparamError", "Report", "Rule",
+    "TraceError",
     "count_macs", "count_ops", "explain", "fold", "kernel", "law", "max_error", "models", "rule",
     "rules",
 ]

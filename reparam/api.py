@@ -6,6 +6,7 @@ import operator
 import time
 from collections import Counter
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import fx, nn
@@ -77,7 +78,7 @@ def count_ops(gm: fx.GraphModule) -> dict[str, int]:
         if node.op == "placeholder" or any(i in data for i in node.all_input_nodes):
             data.add(node)
             op = describe(node, modules)
-            if op is not None:
+            if op is not None and op.kind != "identity":  # identities compute nothing
                 counts[op.kind] += 1
     return dict(counts)
 
@@ -113,7 +114,24 @@ def fold(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] = ALL,
     :class:`~reparam.errors.CheckError` naming the first region that diverges.
     """
     _validate(model, rules, max_cost, leaf_modules)
-    rules = tuple(rules)
+    with _one_thread():
+        return _fold(model, example_inputs, tuple(rules), check, max_cost, tuple(leaf_modules))
+
+
+@contextmanager
+def _one_thread():
+    """Folding is many small tensor ops: torch's thread pool costs more than it saves (several
+    times slower on a busy 2-core machine). The caller's setting is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fold(model: nn.Module, example_inputs, rules: tuple, check: bool, max_cost: float,
+          leaf_modules: tuple[str, ...]) -> nn.Module:
     inputs = as_inputs(example_inputs)
     start = time.perf_counter()
     folded, report, inputs = _fold_module(model, inputs, rules, max_cost, tuple(leaf_modules))
@@ -122,6 +140,7 @@ def fold(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] = ALL,
         for name in ("_forward_hooks", "_forward_pre_hooks"):  # the root's hooks still apply
             getattr(folded, name).update(getattr(model, name))
     report.params_before, report.params_after = _params(model), _params(folded)
+    report.input_shapes = [tuple(t.shape) for t in inputs or () if isinstance(t, torch.Tensor)]
     report.fold_seconds = time.perf_counter() - start
     folded.reparam_report = report
     if check:
@@ -133,14 +152,23 @@ def explain(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] = AL
             max_cost: float = 1.0) -> Report:
     """What ``fold`` would do: regions folded, linear ops left with reasons, params and MACs.
 
-    With ``example_inputs``, ``.max_error`` is ``max |folded - original| / max |original|``, the
-    folded model in its own dtype against the original run in float64.
+    ``.max_error`` is ``max |folded - original| / max |original|``, the folded model in its own
+    dtype against the original run in float64, on ``example_inputs`` (or on random inputs of the
+    guessed shape).
     """
     folded = fold(model, example_inputs, rules=rules, max_cost=max_cost)
     report = folded.reparam_report
-    if example_inputs is not None:
-        report.max_error = max_error(model, folded, as_inputs(example_inputs))
+    inputs = as_inputs(example_inputs)
+    if inputs is None:  # measured on random inputs of the shapes fold guessed
+        inputs = tuple(torch.randn(s, dtype=_dtype(model)) for s in report.input_shapes)
+    with _one_thread():
+        report.max_error = max_error(model, folded, inputs)
     return report
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return p.dtype if p is not None else torch.float32
 
 
 def _fold_module(model: nn.Module, inputs: tuple | None, rules, max_cost: float,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import io
 import itertools
 import os
 import sys
@@ -66,25 +65,6 @@ def progress(label: str) -> Iterator[None]:
     finally:
         done.set()
         thread.join()
-
-
-@contextmanager
-def held_stderr(debug: bool) -> Iterator[None]:
-    """Hold what the block writes to stderr: pass it on if the block succeeds (warnings), drop it
-    if it fails (torch.fx's shape propagation prints a traceback before it raises) unless
-    ``debug``. The error itself is then reported in one line."""
-    real, held = sys.stderr, io.StringIO()
-    sys.stderr = held
-    try:
-        yield
-    except BaseException:
-        if debug:
-            real.write(held.getvalue())
-        raise
-    else:
-        real.write(held.getvalue())
-    finally:
-        sys.stderr = real
 
 
 # --- loading a model --------------------------------------------------------------------------
@@ -216,22 +196,6 @@ def fold_and_measure(model: nn.Module, args: argparse.Namespace, *, check: bool 
     return folded, report, inputs
 
 
-def _picklable(module: nn.Module) -> None:
-    """Let ``torch.load`` rebuild the folded graph modules.
-
-    Unpickling a GraphModule re-creates the tracer class it was traced with, with no arguments;
-    reparam's tracer needs one, so fall back to torch.fx's own (every submodule is kept as a leaf
-    there anyway). A no-op once the tracer takes no required arguments.
-    """
-    for m in module.modules():
-        tracer = getattr(m, "_tracer_cls", None)
-        if isinstance(m, fx.GraphModule) and tracer is not None:
-            try:
-                tracer()
-            except TypeError:
-                m._tracer_cls = None
-
-
 def _macs(model: nn.Module, folded: nn.Module, inputs: tuple | None) -> str | None:
     """``"before -> after (change) per sample"``, or ``None`` where they cannot be counted."""
     if inputs is None:
@@ -268,19 +232,23 @@ def _dtype(module: nn.Module) -> str:
     return str(param.dtype).removeprefix("torch.") if param is not None else "float32"
 
 
-def cmd_fold(args: argparse.Namespace) -> int:
-    out = Path(args.output)
-    if not out.parent.is_dir():  # before the work, not after it
+def _output(path: str) -> Path:
+    """The output path, checked before the work rather than after it."""
+    out = Path(path)
+    if not out.parent.is_dir():
         raise ReparamError(f"cannot write {out}: the folder {out.parent} does not exist")
+    return out
+
+
+def cmd_fold(args: argparse.Namespace) -> int:
+    out = _output(args.output)
     with progress(f"loading {args.spec}"):
         model = load_model(args.spec, seed=args.seed, eval_mode=args.eval)
     start = time.perf_counter()
-    with progress("tracing, folding" + (" and checking in float64" if args.check else "")), \
-            held_stderr(args.debug):
+    with progress("tracing, folding" + (" and checking in float64" if args.check else "")):
         folded, report, inputs = fold_and_measure(model, args, check=args.check)
     wall = time.perf_counter() - start
     with progress(f"saving {out}"):
-        _picklable(folded)
         try:
             torch.save(folded, out)
         except (OSError, RuntimeError) as e:  # torch.save raises RuntimeError for some paths
@@ -323,7 +291,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     with progress(f"loading {args.spec}"):
         model = load_model(args.spec, seed=args.seed, eval_mode=args.eval)
-    with progress("tracing and folding"), held_stderr(args.debug):
+    with progress("tracing and folding"):
         _, report, _ = fold_and_measure(model, args)
     print(report)
     return 0
@@ -332,12 +300,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_draw(args: argparse.Namespace) -> int:
     from . import draw  # networkx is imported only to draw
 
-    out = Path(args.output)
-    if not out.parent.is_dir():
-        raise ReparamError(f"cannot write {out}: the folder {out.parent} does not exist")
+    out = _output(args.output)
     with progress(f"loading {args.spec}"):
         model = load_model(args.spec, seed=args.seed, eval_mode=args.eval)
-    with progress("tracing and folding"), held_stderr(args.debug):
+    with progress("tracing and folding"):
         inputs = make_inputs(model, args.input_shape)
         path = args.block
         if path is None or inputs is None:  # fold the whole model to find the block or inputs

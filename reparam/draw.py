@@ -151,6 +151,7 @@ def op_graph(gm: fx.GraphModule) -> nx.DiGraph:
     modules = dict(gm.named_modules())
     graph = nx.DiGraph()
     shown: dict[fx.Node, str] = {}  # node -> the drawn node that stands for its value
+    outputs = []
     for i, node in enumerate(gm.graph.nodes):
         inputs = [shown[x] for x in node.all_input_nodes if x in shown]
         if not (node.op in ("placeholder", "output") or inputs):
@@ -160,11 +161,12 @@ def op_graph(gm: fx.GraphModule) -> nx.DiGraph:
             shown[node] = inputs[0]
             continue
         shown[node] = node.name
+        if node.op == "output":
+            outputs.append(node.name)
         text, detail, kind = label(node, gm, modules)
         graph.add_node(node.name, label=text, detail=detail, kind=kind, order=i)
         for x in dict.fromkeys(inputs):
             graph.add_edge(x, node.name)
-    outputs = [n for n, d in graph.nodes(data=True) if d["label"] == "output"]
     keep = set(outputs).union(*(nx.ancestors(graph, n) for n in outputs))
     return graph.subgraph(n for n in graph.nodes if n in keep).copy()  # no dead ends (asserts)
 
@@ -222,7 +224,7 @@ def _place(order: list, desired: dict, widths: dict) -> dict:
         if i:
             acc += (widths[order[i - 1]] + widths[n]) / 2 + GAP
         offsets.append(acc)
-    blocks: list[list[float]] = []  # [sum of targets, count]
+    blocks: list[list] = []  # [sum of targets, count] of runs of boxes pushed together
     for n, off in zip(order, offsets, strict=True):
         blocks.append([desired[n] - off, 1])
         while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:

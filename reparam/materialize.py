@@ -14,13 +14,15 @@ _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 
 
-def to_module(k: Kernel, dtype: torch.dtype, device: torch.device | None = None) -> nn.Module:
+def to_module(k: Kernel, dtype: torch.dtype, device: torch.device | None = None,
+              bias: bool = False) -> nn.Module:
     """``nn.Linear``, ``nn.ConvNd`` or ``nn.ConvTransposeNd`` computing ``k``, cast to ``dtype``.
 
-    The bias is kept only when it is not all zero.
+    The module has a bias when ``bias`` is set (the region had one, e.g. from a BN, so a trained
+    model's deploy form keeps its shape) or the folded bias is not all zero.
     """
     device = device if device is not None else k.weight.device
-    has_bias = k.has_bias
+    has_bias = bias or k.has_bias
     make = partial(skip_init, device=device, dtype=dtype)  # no random init to overwrite
     if k.nd == 0:
         dense = regroup(k, 1)

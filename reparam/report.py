@@ -43,6 +43,7 @@ class Report:
     params_after: int = 0
     max_error: float | None = None
     fold_seconds: float = 0.0
+    input_shapes: list[tuple[int, ...]] = field(default_factory=list)  # what fold ran on
 
     @property
     def complete(self) -> bool:

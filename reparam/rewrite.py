@@ -351,7 +351,8 @@ class Folder:
             main = max(value.nodes, key=lambda n: (self.op_cost(n), -_order(n)))
             base = self._module_name(main) or b.name
             dtype = dtype_of(b) or torch.float32
-            module = to_module(value.kernel, dtype if dtype.is_floating_point else torch.float32)
+            module = to_module(value.kernel, dtype if dtype.is_floating_point else torch.float32,
+                               bias=self._has_bias_source(value.nodes))
             temp = f"_reparam_tmp_{len(pending)}"
             self.gm.add_submodule(temp, module)
             with self.graph.inserting_before(b):
@@ -390,6 +391,21 @@ class Folder:
             report.leftovers.append(Leftover(node.name, op.kind if op else node.op, reason))
         self.gm.recompile()
         return report
+
+    def _has_bias_source(self, nodes: set[fx.Node]) -> bool:
+        """Whether any op of a region adds a bias (a BN, a biased conv, a constant shift)."""
+        for n in nodes:
+            op = self.ops.get(n)
+            if op is None:
+                continue
+            if op.kind == "batch_norm" or op.kind in ("add", "sub") and any(
+                not isinstance(a, fx.Node) or isinstance(self._consts.get(a), Const)
+                or a.op == "get_attr" for a in op.inputs
+            ):
+                return True
+            if op.kind in ("conv", "linear") and op.attrs.get("bias") is not None:
+                return True
+        return False
 
     def _params(self, nodes: set[fx.Node]) -> int:
         seen: dict[int, int] = {}
@@ -450,8 +466,10 @@ class Folder:
 
 
 def _mutated_aliases(graph: fx.Graph, modules: dict[str, nn.Module]) -> set[fx.Node]:
-    """Every node whose tensor an in-place op may write: the op's target and all its aliases
-    (views, identities, the in-place ops themselves), found by union-find over "may alias"."""
+    """Every node whose tensor an in-place op writes *after* the node produced it: the op's
+    target and its aliases (views, identities, in-place ops), by union-find over "may alias".
+    Such a node can be neither read out of order as a source nor folded through. (The output of
+    ``x.relu_()`` itself is fine to read: the write happened as it was produced.)"""
     parent: dict[fx.Node, fx.Node] = {}
 
     def find(n: fx.Node) -> fx.Node:
@@ -460,18 +478,22 @@ def _mutated_aliases(graph: fx.Graph, modules: dict[str, nn.Module]) -> set[fx.N
             n = parent[n]
         return n
 
-    targets = []
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    writes: list[tuple[fx.Node, int]] = []
     for n in graph.nodes:
         other = may_alias(n, modules)
         if other is not None:
             parent[find(n)] = find(other)
         target = mutated_input(n, modules)
         if target is not None:
-            targets.append(target)
-    if not targets:
+            writes.append((target, order[n]))
+    if not writes:
         return set()
-    roots = {find(t) for t in targets}
-    return {n for n in graph.nodes if find(n) in roots}
+    last: dict[fx.Node, int] = {}
+    for target, at in writes:
+        root = find(target)
+        last[root] = max(last.get(root, -1), at)
+    return {n for n in graph.nodes if last.get(find(n), -1) > order[n]}
 
 
 def _what(node: fx.Node, modules: dict[str, nn.Module]) -> str:
