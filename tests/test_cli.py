@@ -1,0 +1,233 @@
+"""The command line, driven as a user drives it: ``python -m reparam`` (and the installed
+``reparam`` script, where there is one) in a subprocess, on small models. Error paths that stop
+before any folding also run in-process through ``reparam.cli.main``, which is quicker."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from reparam.cli import main
+from reparam.models import RepVGGBlock, repvgg_a0
+
+ROOT = Path(__file__).resolve().parents[1]
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def reparam_cli(*args: str, cwd: Path, script: list[str] | None = None
+                ) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    command = script or [sys.executable, "-m", "reparam"]
+    return subprocess.run([*command, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def ok(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    return result.stdout
+
+
+def random_stats(model: nn.Module) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-1, 1)
+    return model.eval()
+
+
+def close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-4) -> bool:
+    return (got - want).abs().max().item() <= rel * want.abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A two-block RepVGG-style model with random BN statistics, saved with torch.save."""
+    torch.manual_seed(0)
+    model = random_stats(nn.Sequential(RepVGGBlock(4, 8, stride=2), RepVGGBlock(8, 8)))
+    path = tmp_path_factory.mktemp("models") / "tiny.pt"
+    torch.save(model, path)
+    return path
+
+
+@pytest.fixture
+def in_process(tmp_path, monkeypatch, capsys):
+    """Run ``reparam.cli.main`` here (for the quick error paths): (status, stdout, stderr)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the CLI adds the working folder
+
+    def run(*args: str) -> tuple[int, str, str]:
+        try:
+            status = main(list(args))
+        except SystemExit as e:
+            status = e.code
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    return run
+
+
+def one_line_error(stderr: str, words: str) -> None:
+    assert stderr.startswith("reparam: error: ") and words in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+
+
+def test_fold_builder_then_load_matches_the_original(tmp_path):
+    out = ok(reparam_cli("fold", "reparam.models:repvgg_a0", "-o", "a0.pt", "--check",
+                         "--input-shape", "1,3,32,32", cwd=tmp_path))
+    assert "22 folded, 0 linear ops left" in out
+    assert "params    9,108,968 -> 8,309,384" in out and "MACs      " in out
+    assert "check     passed" in out and "error     " in out and "a0.pt" in out
+    folded = torch.load(tmp_path / "a0.pt", weights_only=False)
+    torch.manual_seed(0)  # the CLI builds with --seed 0
+    model = repvgg_a0().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert close(folded(x), model(x))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+
+
+def test_fold_a_saved_module_file(tiny, tmp_path):
+    out = ok(reparam_cli("fold", str(tiny), "-o", "deploy.pt", cwd=tmp_path))
+    assert "2 folded, 0 linear ops left" in out
+    assert "guessed" in out  # no --input-shape: the input comes from the first layer
+    assert "batch_norm 5 -> 0" in out and "conv 4 -> 2" in out
+    folded = torch.load(tmp_path / "deploy.pt", weights_only=False)
+    model = torch.load(tiny, weights_only=False)
+    x = torch.randn(3, 4, 20, 20)
+    with torch.no_grad():
+        assert close(folded(x), model(x))
+
+
+def test_explain_prints_the_table(tiny, tmp_path):
+    out = ok(reparam_cli("explain", str(tiny), "--input-shape", "1,4,16,16", cwd=tmp_path))
+    assert out.startswith("reparam: 2 regions folded, 0 linear ops left")
+    assert "max error" in out
+    header = next(line for line in out.splitlines() if line.startswith("module"))
+    assert header.split() == ["module", "folded", "nodes", "params", "MACs", "rules"]
+    assert "1.square.conv" in out and "identity_as_dirac" in out
+
+
+def test_explain_with_a_smaller_rule_set_gives_reasons(tiny, in_process):
+    status, out, _ = in_process("explain", str(tiny), "--rules", "acnet")
+    assert status == 0 and "left unfolded:" in out
+    assert "needs the law 'identity_as_dirac', which is not in the rule set" in out
+
+
+def test_draw_svg_and_html(tiny, tmp_path):
+    out = ok(reparam_cli("draw", str(tiny), "-o", "block.svg", cwd=tmp_path))
+    assert out.startswith("drew 1 (RepVGGBlock): ops 8 -> 2")  # the block with the identity
+    root = ET.parse(tmp_path / "block.svg").getroot()
+    assert root.tag == f"{SVG}svg"
+    texts = [t.text for t in root.iter(f"{SVG}text")]
+    for label in ("conv3x3 s1 g1", "conv1x1 s1 g1", "BN", "+", "ReLU", "fold"):
+        assert label in texts
+    assert texts.count("BN") == 3 and texts.count("conv3x3 s1 g1") == 2
+    assert any(t.startswith("before: 8 ops") for t in texts)
+    assert any(t.startswith("after: 2 ops") for t in texts)
+
+    ok(reparam_cli("draw", str(tiny), "-o", "block.html", "--block", "0", cwd=tmp_path))
+    page = (tmp_path / "block.html").read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and "<pre>reparam: 1 regions folded" in page
+    svg = ET.fromstring(page[page.index("<svg"):page.index("</svg>") + len("</svg>")])
+    texts = [t.text for t in svg.iter(f"{SVG}text")]
+    assert "conv3x3 s2 g1" in texts and "conv1x1 s2 g1" in texts
+
+
+def test_bad_specs_are_one_line_errors(tmp_path):
+    cases = {
+        "missing.pt": "neither a file nor a builder",
+        "reparam.models:no_such_model": "'reparam.models' has no attribute 'no_such_model'",
+    }
+    for spec, words in cases.items():
+        result = reparam_cli("fold", spec, "-o", "out.pt", cwd=tmp_path)
+        assert result.returncode == 1, spec
+        one_line_error(result.stderr, words)
+        assert not (tmp_path / "out.pt").exists()
+
+
+def test_more_bad_specs(in_process, tmp_path):
+    torch.save({"weight": torch.zeros(1)}, tmp_path / "state.pt")
+    (tmp_path / "not_a_model.py").write_text("def build():\n    return 42\n")
+    cases = {
+        "state.pt": "holds a dict (a state_dict?), not a module",
+        "no_such_package:build": "cannot import 'no_such_package'",
+        "not_a_model:build": "not_a_model:build() returned a int, not a torch.nn.Module",
+        "timm:no_such_model_name": "no_such_model_name",
+    }
+    for spec, words in cases.items():
+        status, _, err = in_process("explain", spec)
+        assert status == 1, spec
+        one_line_error(err, words)
+
+
+def test_a_failed_input_guess_is_one_line(in_process, tmp_path):
+    (tmp_path / "flat.py").write_text(
+        "from torch import nn\n\n"
+        "class Flat(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv = nn.Conv2d(3, 4, 3)\n\n"
+        "    def forward(self, x):\n"
+        "        return self.conv(x.view(-1, 3, 7, 7))\n")
+    status, _, err = in_process("explain", "flat:Flat")  # guessed 3x64x64 does not fit the view
+    assert status == 1
+    one_line_error(err, "--input-shape")
+    status, out, _ = in_process("explain", "flat:Flat", "--input-shape", "2,147")
+    assert status == 0 and out.startswith("reparam: 0 regions folded")
+
+
+def test_a_wrong_input_shape_is_named(tiny, in_process):
+    status, _, err = in_process("explain", str(tiny), "--input-shape", "1,3,16,16")
+    assert status == 1
+    one_line_error(err, "does not run on inputs of shape 1x3x16x16")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = reparam_cli("--debug", "explain", "reparam.models:no_such_model", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback (most recent call last)" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("reparam: error: ")
+
+
+def test_usage_errors_exit_2_in_one_line(tmp_path, in_process):
+    result = reparam_cli("fold", "reparam.models:repvgg_a0", cwd=tmp_path)  # no -o
+    assert result.returncode == 2
+    one_line_error(result.stderr, "the following arguments are required: -o/--output")
+    for args, words in ((["explain", "x.pt", "--input-shape", "1,three"], "is not a shape"),
+                        (["draw", "x.pt", "-o", "picture.png"], "draw writes .svg or .html"),
+                        (["fold", "x.pt", "-o", "y.pt", "--max-cost", "0"], "positive ratio"),
+                        (["unfold", "x.pt"], "invalid choice: 'unfold'"),
+                        ([], "the following arguments are required: COMMAND")):
+        status, _, err = in_process(*args)
+        assert status == 2, args
+        one_line_error(err, words)
+
+
+def test_a_module_saved_in_training_mode(tmp_path, in_process):
+    torch.save(nn.Sequential(nn.Conv2d(2, 2, 3), nn.BatchNorm2d(2)), tmp_path / "train.pt")
+    status, _, err = in_process("fold", "train.pt", "-o", "out.pt")
+    assert status == 1
+    one_line_error(err, "training mode")
+    assert "--eval" in err
+    status, out, _ = in_process("fold", "train.pt", "-o", "out.pt", "--eval")
+    assert status == 0 and "1 folded" in out
+
+
+def test_installed_console_script(tiny, tmp_path):
+    script = Path(sys.executable).with_name("reparam")
+    if not script.exists():
+        pytest.skip("reparam is not installed in this environment (pip install -e .)")
+    assert ok(reparam_cli("--version", cwd=tmp_path, script=[str(script)])).startswith("reparam ")
+    out = ok(reparam_cli("explain", str(tiny), cwd=tmp_path, script=[str(script)]))
+    assert out.startswith("reparam: 2 regions folded")
