@@ -289,8 +289,7 @@ _VIEW_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "expand",
                  "double", "half", "bfloat16", "data"}
 _VIEW_FUNCTIONS = {operator.getitem, torch.flatten, torch.reshape, torch.permute,
                    torch.transpose, torch.squeeze, torch.unsqueeze, torch.narrow, torch.select,
-                   torch.split, torch.chunk, torch.unbind, torch.movedim, torch.t, torch.detach,
-                   getattr}
+                   torch.split, torch.chunk, torch.unbind, torch.movedim, torch.t, torch.detach}
 
 
 def may_alias(node: fx.Node, modules: Mapping[str, nn.Module]) -> fx.Node | None:

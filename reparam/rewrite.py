@@ -376,7 +376,7 @@ class Folder:
                 node.replace_input_with(x, done.get(source, source))
         self._erase(removed)
         for node in self.graph.nodes:
-            if node.op == "placeholder" and isinstance(node.type, str):
+            if node.op in ("placeholder", "output") and isinstance(node.type, str):
                 node.type = None  # a string annotation (PEP 563) would not script
         self.gm.delete_all_unused_submodules()
         names = self._rename(pending)
@@ -543,8 +543,23 @@ def _has_attr(gm: nn.Module, path: str) -> bool:
     return True
 
 
+def drop_identities(gm: fx.GraphModule) -> None:
+    """Remove ``nn.Identity``, eval-mode dropout and ``F.dropout(training=False)`` calls: each
+    returns its input tensor itself, so its users may read the input directly."""
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        op = describe(node, modules)
+        if op is None or op.kind != "identity" or node.op == "call_method":
+            continue  # clone() copies and contiguous() may: those stay
+        if not isinstance(op.inputs[0], fx.Node) or node.kwargs.get("inplace"):
+            continue
+        node.replace_all_uses_with(op.inputs[0])
+        gm.graph.erase_node(node)
+
+
 def fold_graph(gm: fx.GraphModule, rules: Sequence[Rule], max_cost: float = 1.0) -> Report:
     """Fold ``gm`` in place (shapes must already be propagated) and return the report."""
+    drop_identities(gm)
     for i, node in enumerate(gm.graph.nodes):
         node.meta["_reparam_order"] = i
     folder = Folder(gm, rules, max_cost)
