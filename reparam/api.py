@@ -180,8 +180,8 @@ def _fold_module(model: nn.Module, inputs: tuple | None, rules, max_cost: float,
     if inputs is None:
         inputs = guess_inputs(model, gm)
     captured = _capture_leaf_inputs(gm, [p for p, _ in untraced])
-    traced_out = propagate_shapes(gm, inputs)
-    _check_trace_fidelity(model, gm, inputs, traced_out)
+    used, traced_out = propagate_shapes(gm, inputs)
+    _check_trace_fidelity(model, gm, used, traced_out)
     ops_before = count_ops(gm)
     report = fold_graph(gm, rules, max_cost)
     report.ops_before, report.ops_after = ops_before, count_ops(gm)

@@ -211,19 +211,26 @@ def clone_inputs(inputs: tuple) -> tuple:
     return tuple(t.detach().clone() if isinstance(t, torch.Tensor) else t for t in inputs)
 
 
-def propagate_shapes(gm: fx.GraphModule, inputs: tuple):
-    """Record every node's output shape and dtype in ``node.meta`` with one real run on (a copy
-    of) the example inputs; returns the traced graph's output."""
+def propagate_shapes(gm: fx.GraphModule, inputs: tuple) -> tuple:
+    """Record every node's output shape and dtype in ``node.meta`` with one real run on a copy of
+    the example inputs: their first sample when that runs (cheaper), else the whole batch (a BN
+    with batch statistics, a hard-coded batch size). Returns ``(inputs used, output)``."""
     from torch.fx.passes.shape_prop import ShapeProp
 
-    args = clone_inputs(inputs)  # the model may write into its input: never the caller's
-    try:
-        with torch.no_grad(), warnings.catch_warnings(), redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")  # ShapeProp prints the failing node: we raise instead
-            return ShapeProp(gm).propagate(*args)
-    except Exception as e:  # noqa: BLE001
-        raise ReparamError(
-            f"running the traced model on example inputs failed ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); pass example_inputs that the model "
-            "accepts"
-        ) from e
+    batched = [isinstance(t, torch.Tensor) and t.dim() > 1 and len(t) > 1 for t in inputs]
+    attempts = [inputs]
+    if any(batched):
+        attempts.insert(0, tuple(t[:1] if b else t for t, b in zip(inputs, batched, strict=True)))
+    error: Exception | None = None
+    for args in attempts:
+        try:
+            with torch.no_grad(), warnings.catch_warnings(), redirect_stderr(io.StringIO()):
+                warnings.simplefilter("ignore")  # ShapeProp prints the failing node: we raise
+                return args, ShapeProp(gm).propagate(*clone_inputs(args))
+        except Exception as e:  # noqa: BLE001
+            error = e
+    raise ReparamError(
+        f"running the traced model on example inputs failed ({type(error).__name__}: "
+        f"{str(error).splitlines()[0] if str(error) else ''}); pass example_inputs that the "
+        "model accepts"
+    ) from error
