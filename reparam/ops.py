@@ -63,6 +63,20 @@ def _has_hooks(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
+def why_kept(node: fx.Node, modules: Mapping[str, nn.Module]) -> str | None:
+    """Why a module reparam would otherwise fold is kept as it is (``None`` if it is not)."""
+    if node.op != "call_module":
+        return None
+    m = modules.get(str(node.target))
+    if m is None:
+        return None
+    if _has_hooks(m):
+        return f"{type(m).__name__} has a forward hook, which may change what it computes"
+    if isinstance(m, _IDENTITY_MODULES) and m.training and not isinstance(m, nn.Identity):
+        return f"{type(m).__name__} is in training mode (call model.eval() to fold through it)"
+    return None
+
+
 def _module_op(node: fx.Node, m: nn.Module) -> Op | None:
     if _has_hooks(m):
         return None  # a hook may change what the module computes: keep it as it is

@@ -23,7 +23,7 @@ from torch import fx, nn
 
 from .context import Context, _is_identity
 from .materialize import to_module
-from .ops import Op, describe, dtype_of, may_alias, mutated_input, shape_of
+from .ops import Op, describe, dtype_of, may_alias, mutated_input, shape_of, why_kept
 from .report import Leftover, Region, Report
 from .rules.tokens import SHAPE_KINDS, output_shape
 from .values import OPAQUE, Const, Lin, NoFold, Rule, Value
@@ -160,6 +160,9 @@ class Folder:
                 op = self.ops[node]
                 if op is None:
                     values[node] = OPAQUE
+                    why = why_kept(node, self.modules)
+                    if why is not None:
+                        reasons[node] = why
                     continue
                 key = tuple((id(values.get(i)), i in barriers) for i in inputs)
                 memo = self._memo.get(node)

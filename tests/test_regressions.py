@@ -21,6 +21,12 @@ from reparam.api import fold as fold_unwrapped  # bound before conftest wraps it
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    """Random weights are drawn from torch's global generator: make every test reproducible."""
+    torch.manual_seed(0)
+
+
 def outputs(out) -> list[torch.Tensor]:
     return [out] if isinstance(out, torch.Tensor) else list(out)
 
@@ -383,3 +389,41 @@ def test_check_passes_on_a_model_that_writes_into_its_input():
     folded = reparam.fold(model, (torch.randn(2, 3, 6, 6),), check=True)
     x = torch.randn(2, 3, 6, 6)
     torch.testing.assert_close(folded(x.clone()), model(x.clone()), rtol=1e-5, atol=1e-6)
+
+
+# --- R15: after the R1 fix, nothing that reads the output of an in-place op folds ----------------
+
+
+def test_conv_bn_after_an_in_place_relu_folds():
+    """``ReLU(inplace=True)`` writes into the first BN's output *before* the second conv reads it;
+    no write comes between the second conv and its BN, so they fold. Since 6a581d7 the whole alias
+    class of a written tensor is refused as a source ("'_2' is modified in place later"), which
+    leaves every conv+BN after an in-place ReLU unfolded (torchvision resnet18: 18 of 20 BN)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+                          nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+    folded = assert_fold_exact(model, torch.randn(2, 3, 6, 6))
+    assert reparam.count_ops(folded).get("batch_norm", 0) == 0, folded.reparam_report
+
+
+
+# --- R16: a fold kept unfolded for a hook or a training dropout reports itself complete ---------
+
+
+def dropout_in_training() -> nn.Module:
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Dropout(0.5),
+                                       nn.BatchNorm2d(4)))
+    model[1].train()
+    return model
+
+
+@pytest.mark.parametrize("make", [lambda: hook_on("conv"), lambda: hook_on("bn_pre"),
+                                  dropout_in_training], ids=["conv_hook", "bn_pre_hook",
+                                                             "dropout_training"])
+def test_report_says_why_a_conv_bn_pair_stayed(make):
+    """The conv+BN pair stays (R7, R8) but the report says "0 linear ops left" and
+    ``complete`` is True: the user is not told that, nor why, a BN was left."""
+    folded = reparam.fold(make(), (torch.randn(2, 3, 6, 6),))
+    report = folded.reparam_report
+    assert not report.complete
+    assert any(word in left.reason for left in report.leftovers
+               for word in ("hook", "training", "dropout", "Dropout")), str(report)
