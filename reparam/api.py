@@ -21,6 +21,7 @@ from .trace import (
     clone_inputs,
     deep_copy,
     guess_inputs,
+    has_augmented_assignment,
     light_copy,
     own_tensors,
     propagate_shapes,
@@ -197,11 +198,12 @@ _ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.truediv, opera
 
 def _check_trace_fidelity(model: nn.Module, gm: fx.GraphModule, inputs: tuple,
                           traced_out) -> None:
-    """torch.fx records ``t += 1`` on a tensor as an out-of-place add whose result it drops.
-    Where the graph shows that sign (a dead arithmetic node), run the eager model on the same
-    input and compare."""
-    suspicious = any(n.op == "call_function" and n.target in _ARITHMETIC and not n.users
-                     for n in gm.graph.nodes)
+    """torch.fx records ``t += 1`` on a tensor as an out-of-place add: wrong where another name
+    still refers to the old tensor. Where a forward has an augmented assignment or the graph a
+    dead arithmetic node, run the eager model on the same input and compare."""
+    suspicious = has_augmented_assignment(model) or any(
+        n.op == "call_function" and n.target in _ARITHMETIC and not n.users
+        for n in gm.graph.nodes)
     if not suspicious:
         return
     with torch.no_grad():

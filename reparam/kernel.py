@@ -435,13 +435,10 @@ def compose(a: Kernel, b: Kernel) -> Kernel:
     return _compose_unpadded(a, b)
 
 
-def _compose_unpadded(a: Kernel, b: Kernel) -> Kernel:
-    """``b(a(x))`` where ``b`` has no padding: taps at ``j * d_b * s_a + i * d_a``."""
-    nd = a.nd
-    groups = math.gcd(a.groups, b.groups)
-    ra, rb = regroup(a, groups), regroup(b, groups)
+def _composed_geometry(a: Kernel, b: Kernel) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Dilation, size and the tap steps of ``b`` and ``a`` in the kernel of ``b(a(x))``."""
     dil, size, b_step, a_step = [], [], [], []
-    for axis in range(nd):
+    for axis in range(a.nd):
         ka, kb = a.kernel_size[axis], b.kernel_size[axis]
         span_b = b.dilation[axis] * a.stride[axis] if kb > 1 else 0
         span_a = a.dilation[axis] if ka > 1 else 0
@@ -450,6 +447,22 @@ def _compose_unpadded(a: Kernel, b: Kernel) -> Kernel:
         size.append(((kb - 1) * span_b + (ka - 1) * span_a) // g + 1)
         b_step.append(span_b // g)
         a_step.append(span_a // g)
+    return dil, size, b_step, a_step
+
+
+def composed_numel(a: Kernel, b: Kernel) -> int:
+    """How many weights ``compose(a, b)`` would have (proportional to its multiply-adds per
+    output position), computed from the geometry alone, before allocating anything."""
+    _, size, _, _ = _composed_geometry(a, b)
+    return b.out_channels * (a.in_channels // math.gcd(a.groups, b.groups)) * math.prod(size)
+
+
+def _compose_unpadded(a: Kernel, b: Kernel) -> Kernel:
+    """``b(a(x))`` where ``b`` has no padding: taps at ``j * d_b * s_a + i * d_a``."""
+    nd = a.nd
+    groups = math.gcd(a.groups, b.groups)
+    ra, rb = regroup(a, groups), regroup(b, groups)
+    dil, size, b_step, a_step = _composed_geometry(a, b)
     out, mid, inp = b.out_channels, b.in_channels, a.in_channels
     wa = ra.weight.reshape(groups, mid // groups, inp // groups, *a.kernel_size)
     wb = rb.weight.reshape(groups, out // groups, mid // groups, *b.kernel_size)

@@ -71,7 +71,10 @@ class Folder:
         # node -> (identity of its inputs' values and barrier flags, its value, its reason):
         # a re-walk recomputes only nodes whose inputs changed
         self._memo: dict[fx.Node, tuple] = {}
-        self._keep: list[dict] = []  # earlier walks' values, so their ids stay unique
+        # a node's version changes whenever its value is recomputed (or it is forced opaque), so
+        # a memo entry is valid while its inputs' versions and barrier flags are unchanged
+        self._version: dict[fx.Node, int] = {}
+        self._tick = 0
 
     # --- values ------------------------------------------------------------------------------
     def _const(self, node: fx.Node, values: dict[fx.Node, Value]) -> Value:
@@ -136,7 +139,6 @@ class Folder:
     def interpret(self, barriers: set[fx.Node]) -> Plan:
         values: dict[fx.Node, Value] = {}
         hints: set[fx.Node] = set()
-        self._keep.append(values)
         reasons: dict[fx.Node, str] = {}
         for node in self.graph.nodes:
             if node.op == "placeholder" or node.op == "output":
@@ -148,6 +150,9 @@ class Folder:
             elif node in self.forced:
                 values[node] = OPAQUE
                 reasons[node] = self.forced[node]
+                if self._memo.get(node, (None,))[0] != "forced":
+                    self._memo[node] = ("forced",)
+                    self._bump(node)
             elif _is_rank_query(node):
                 values[node] = Const(len(shape_of(node.args[0])))
             else:
@@ -164,7 +169,7 @@ class Folder:
                     if why is not None:
                         reasons[node] = why
                     continue
-                key = tuple((id(values.get(i)), i in barriers) for i in inputs)
+                key = tuple((self._version.get(i, 0), i in barriers) for i in inputs)
                 memo = self._memo.get(node)
                 if memo is not None and memo[0] == key:
                     values[node] = memo[1]
@@ -175,8 +180,13 @@ class Folder:
                 found: set[fx.Node] = set()
                 values[node] = self._fold_node(node, op, values, barriers, reasons, found)
                 self._memo[node] = (key, values[node], reasons.get(node), found)
+                self._bump(node)
                 hints |= found
         return Plan(values, barriers, reasons, hints)
+
+    def _bump(self, node: fx.Node) -> None:
+        self._tick += 1
+        self._version[node] = self._tick
 
     # --- where regions end ---------------------------------------------------------------------
     def _escaping(self, plan: Plan) -> set[fx.Node]:
@@ -252,12 +262,16 @@ class Folder:
                 continue
             before = sum(self.op_cost(n) for n in value.nodes)
             after = self.kernel_cost(b, value)
+            nodes = sorted(value.nodes, key=_order, reverse=True)
             if after <= before * self.max_cost:
+                trunk = self._dear_trunk(plan, b, value, nodes)
+                if trunk is not None:
+                    cuts.add(trunk[0])
+                    self.cost_reasons[trunk[1]] = trunk[2]
                 continue
             why = (f"folding {len(value.nodes)} ops into {value.kernel.geometry()} would cost "
                    f"{after:,} multiply-adds, more than the {before:,} they cost now (cost policy "
                    f"max_cost={self.max_cost})")
-            nodes = sorted(value.nodes, key=_order, reverse=True)
             split = self._composition_point(plan, nodes) or self._branch_point(plan, nodes)
             if split is not None and split[1] is not None:
                 cuts.add(split[1])
@@ -284,6 +298,31 @@ class Folder:
     def _trivial(self, value: Lin) -> bool:
         """Fewer than two real ops: nothing to merge (identity ops vanish on their own)."""
         return sum(1 for n in value.nodes if self.ops[n].kind != "identity") < 2
+
+    def _dear_trunk(self, plan: Plan, b: fx.Node, value: Lin, nodes: list[fx.Node]):
+        """A composition after the region's last sum (nothing downstream needs both parts in one
+        kernel) that costs more than keeping its two parts apart: ``(cut, node, reason)``."""
+        for n in nodes:  # latest first
+            op = self.ops.get(n)
+            if op is None:
+                continue
+            if op.kind in ("add", "sub", "cat"):
+                return None  # before this, parts may be needed together to merge branches
+            if op.kind not in ("conv", "linear", "avg_pool"):
+                continue
+            x = op.inputs[0]
+            xv = plan.values.get(x)
+            if not (isinstance(xv, Lin) and xv.nodes and x not in plan.barriers
+                    and not xv.kernel.is_diagonal):
+                continue
+            together = self.kernel_cost(b, value)
+            apart = self.kernel_cost(x, xv) + sum(
+                self.op_cost(m) for m in value.nodes if _order(m) >= _order(n))
+            if together > apart * self.max_cost:
+                return x, n, (f"composing {xv.kernel.geometry()} with '{n.name}' into "
+                              f"{value.kernel.geometry()} would cost {together:,} multiply-adds, "
+                              f"more than the {apart:,} of the two apart (cost policy)")
+        return None
 
     def _composition_point(self, plan: Plan, nodes: list[fx.Node]):
         for n in nodes:

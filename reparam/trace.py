@@ -8,8 +8,12 @@ its own copies of the ones it keeps (:func:`own_tensors`).
 
 from __future__ import annotations
 
+import ast
 import copy
+import functools
+import inspect
 import io
+import textwrap
 import warnings
 from collections.abc import Callable, Iterable
 from contextlib import redirect_stderr
@@ -152,6 +156,23 @@ def trace(make_copy: Callable[[], nn.Module], leaf_modules: Iterable[str] = ()
             continue
         return fx.GraphModule(tracer.root, graph, type(root).__name__), untraced
     raise TraceError("too many untraceable submodules")  # pragma: no cover
+
+
+@functools.cache
+def _augments(cls: type) -> bool:
+    """Whether ``cls.forward`` has an augmented assignment (``x += y``), which torch.fx records
+    as an out-of-place op: wrong if another name still refers to the old tensor."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    return any(isinstance(node, ast.AugAssign) for node in ast.walk(tree))
+
+
+def has_augmented_assignment(model: nn.Module) -> bool:
+    """Whether any traced-through module's forward (not torch's own) has ``x += y``."""
+    return any(_augments(type(m)) for m in model.modules()
+               if not type(m).__module__.startswith("torch."))
 
 
 def as_inputs(example_inputs) -> tuple | None:

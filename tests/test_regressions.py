@@ -427,3 +427,34 @@ def test_report_says_why_a_conv_bn_pair_stayed(make):
     assert not report.complete
     assert any(word in left.reason for left in report.leftovers
                for word in ("hook", "training", "dropout", "Dropout")), str(report)
+
+
+# --- R6b: `t += c` whose result is read again is still a silent wrong model --------------------
+
+
+class AugmentedAssignmentReadAgain(nn.Module):
+    """As R6, but ``b`` (the fx ``add`` node) is read after ``+=``, so the add is not dead and
+    the dead-arithmetic fidelity check of c44543e does not fire: eager returns 2 * (conv + 1),
+    the fx graph (and the fold) conv + (conv + 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        b = self.conv(self.bn(x))
+        c = b
+        b += 1.0
+        return c + b
+
+
+def test_augmented_assignment_read_again_is_not_a_silent_wrong_model():
+    model = randomize_bn(AugmentedAssignmentReadAgain()).double()
+    x = torch.randn(2, 3, 5, 5, dtype=F64)
+    try:
+        folded = reparam.fold(model, (x,))
+    except reparam.ReparamError as e:
+        assert "eager" in str(e)
+        return
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-9, atol=1e-12)

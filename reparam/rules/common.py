@@ -125,7 +125,22 @@ def conv(ctx: Context, op: Op) -> Lin:
         ctx.require("sequential_1x1_kxk")
     else:
         ctx.require("sequential_kxk_kxk")
+    _refuse_huge_and_dear(a, k)
     return ctx.result(_exact(K.compose, a, k), x, rule="conv")
+
+
+_HUGE = 1 << 24  # weights (128 MiB in float64)
+
+
+def _refuse_huge_and_dear(a: Kernel, b: Kernel) -> None:
+    """Do not even build a huge composed kernel that costs more than its two parts (a large
+    depthwise kernel then a dense 1x1 would become a dense large kernel): the cost policy would
+    refuse it anyway, after allocating it."""
+    numel = K.composed_numel(a, b)
+    apart = a.weight.numel() * math.prod(b.stride) + b.weight.numel()
+    if numel > _HUGE and numel > apart:
+        raise NoFold(f"composing {a.geometry()} with {b.geometry()} would give a dense kernel of "
+                     f"{numel:,} weights, dearer than the two apart (cost policy)")
 
 
 @rule("conv_bn", "batch_norm")
