@@ -160,13 +160,19 @@ def trace(make_copy: Callable[[], nn.Module], leaf_modules: Iterable[str] = ()
 
 @functools.cache
 def _augments(cls: type) -> bool:
-    """Whether ``cls.forward`` has an augmented assignment (``x += y``), which torch.fx records
-    as an out-of-place op: wrong if another name still refers to the old tensor."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
-    except (OSError, TypeError, SyntaxError):
-        return False
-    return any(isinstance(node, ast.AugAssign) for node in ast.walk(tree))
+    """Whether the class (any method: ``forward`` may call helpers) or a base class outside torch
+    has an augmented assignment (``x += y``), which torch.fx records as an out-of-place op: wrong
+    if another name still refers to the old tensor."""
+    for klass in cls.__mro__:
+        if klass is object or klass.__module__.startswith("torch."):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        if any(isinstance(node, ast.AugAssign) for node in ast.walk(tree)):
+            return True
+    return False
 
 
 def has_augmented_assignment(model: nn.Module) -> bool:

@@ -458,3 +458,38 @@ def test_augmented_assignment_read_again_is_not_a_silent_wrong_model():
         assert "eager" in str(e)
         return
     torch.testing.assert_close(folded(x), model(x), rtol=1e-9, atol=1e-12)
+
+
+# --- R6c: `t += c` in a helper that forward calls is not seen ----------------------------------
+
+
+class AugmentedAssignmentInAHelper(nn.Module):
+    """As R6b, but the ``+=`` sits in a method ``forward`` calls (found by the fuzzer, whose
+    ``Program.forward`` runs instructions through ``self.step``): 278f37c scans the source of
+    ``forward`` only, so the eager check is skipped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def bump(self, b):
+        b += 1.0
+        return b
+
+    def forward(self, x):
+        b = self.conv(self.bn(x))
+        c = b
+        b = self.bump(b)
+        return c + b
+
+
+def test_augmented_assignment_in_a_helper_is_not_a_silent_wrong_model():
+    model = randomize_bn(AugmentedAssignmentInAHelper()).double()
+    x = torch.randn(2, 3, 5, 5, dtype=F64)
+    try:
+        folded = reparam.fold(model, (x,))
+    except reparam.ReparamError as e:
+        assert "eager" in str(e)
+        return
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-9, atol=1e-12)
