@@ -300,28 +300,32 @@ class Folder:
         return sum(1 for n in value.nodes if self.ops[n].kind != "identity") < 2
 
     def _dear_trunk(self, plan: Plan, b: fx.Node, value: Lin, nodes: list[fx.Node]):
-        """A composition after the region's last sum (nothing downstream needs both parts in one
-        kernel) that costs more than keeping its two parts apart: ``(cut, node, reason)``."""
-        for n in nodes:  # latest first
-            op = self.ops.get(n)
-            if op is None:
-                continue
-            if op.kind in ("add", "sub", "cat"):
-                return None  # before this, parts may be needed together to merge branches
-            if op.kind not in ("conv", "linear", "avg_pool"):
-                continue
-            x = op.inputs[0]
+        """A point ``x`` inside the region that everything after it depends on alone (``x``
+        dominates the rest, so nothing downstream needs both parts in one kernel to merge), where
+        folding through costs more than keeping ``x`` apart: ``(x, first node after, reason)``."""
+        region = value.nodes
+        ordered = sorted(region, key=_order)
+        together = self.kernel_cost(b, value)
+        for x in reversed(ordered):  # latest first
             xv = plan.values.get(x)
-            if not (isinstance(xv, Lin) and xv.nodes and x not in plan.barriers
-                    and not xv.kernel.is_diagonal):
+            if x is b or not (isinstance(xv, Lin) and xv.nodes and x not in plan.barriers
+                              and not xv.kernel.is_diagonal):
                 continue
-            together = self.kernel_cost(b, value)
-            apart = self.kernel_cost(x, xv) + sum(
-                self.op_cost(m) for m in value.nodes if _order(m) >= _order(n))
+            after = [m for m in ordered if _order(m) > _order(x)]
+            dominated = {x}
+            for m in after:
+                inside = [i for i in m.all_input_nodes if i in region or i is value.source]
+                if inside and all(i in dominated for i in inside):
+                    dominated.add(m)
+            if b not in dominated:
+                continue
+            apart = self.kernel_cost(x, xv) + sum(self.op_cost(m) for m in dominated
+                                                  if m is not x)
             if together > apart * self.max_cost:
-                return x, n, (f"composing {xv.kernel.geometry()} with '{n.name}' into "
-                              f"{value.kernel.geometry()} would cost {together:,} multiply-adds, "
-                              f"more than the {apart:,} of the two apart (cost policy)")
+                first = min((m for m in dominated if m is not x), key=_order)
+                return x, first, (f"folding through '{x.name}' into {value.kernel.geometry()} "
+                                  f"would cost {together:,} multiply-adds, more than the "
+                                  f"{apart:,} of the two parts apart (cost policy)")
         return None
 
     def _composition_point(self, plan: Plan, nodes: list[fx.Node]):
