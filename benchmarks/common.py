@@ -276,6 +276,6 @@ def machine() -> dict[str, str]:
 
 def load_average() -> str:
     try:
-        return " / ".join(f"{v:.1f}" for v in os.getloadavg())
+        return ", ".join(f"{v:.1f}" for v in os.getloadavg())
     except OSError:
         return "n/a"

@@ -362,7 +362,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int,
                         help="torch threads (default: torch's default, one per core)")
     parser.add_argument("--only", nargs="*", help="run only these sections (for development)")
+    parser.add_argument("--render", metavar="JSON",
+                        help="write the report from a saved --json run, measuring nothing")
     args = parser.parse_args(argv)
+    if args.render:
+        results = json.loads(Path(args.render).read_text(encoding="utf-8"))
+        text = render(results, config(results["quick"]))
+        Path(args.out).write_text(text, encoding="utf-8")
+        print(text)
+        return
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -45,11 +45,16 @@ def light_copy(model: nn.Module) -> nn.Module:
     def clone(m: nn.Module) -> nn.Module:
         if id(m) in memo:  # a module used in two places stays one module
             return memo[id(m)]
-        new = copy.copy(m)
+        cls = type(m)
+        state = {key: copy.copy(value) if isinstance(value, (dict, list, set)) else value
+                 for key, value in vars(m).items() if key != "_modules"}
+        if cls.__new__ is object.__new__:  # a new object and dict: no __init__, no __reduce_ex__
+            new = object.__new__(cls)
+            object.__setattr__(new, "__dict__", state)
+        else:  # a class with its own __new__ (GraphModule makes a class per instance)
+            new = copy.copy(m)
+            vars(new).update(state)
         memo[id(m)] = new
-        for key, value in list(vars(new).items()):
-            if isinstance(value, (dict, list, set)) and key != "_modules":
-                vars(new)[key] = copy.copy(value)
         new._modules = type(m._modules)(
             (name, None if child is None else clone(child)) for name, child in m._modules.items()
         )
