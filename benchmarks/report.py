@@ -126,8 +126,10 @@ def _mem_cause(m: dict, blocks: int | None = None) -> str:
         parts.append(f"The peak grows most during {where} (+{jump / MIB:.0f} MiB)")
     if plan is not None:
         parts.append(f"when materializing starts, the plan holds {plan / MIB:.1f} MiB of kernels "
-                     f"({plan / params:.1f}x the parameter bytes on its own): the float64 value "
-                     "of every node, intermediate ones included, all kept alive together")
+                     f"({plan / params:.1f}x the parameter bytes on its own): the float64 "
+                     "kernels of the regions' results, which materializing turns into the "
+                     "model's dtype one region at a time (intermediate kernels are released "
+                     "during the walk)")
     traced = next((r for name, r, _ in phases if name == "trace"), None)
     if traced is not None:
         per = f" ({traced / blocks / 1024:.0f} KiB per block)" if blocks else ""
@@ -345,7 +347,8 @@ def _header(results: dict, cfg: Config) -> list[str]:
         "the system and reuse shows up again. *Inference*: peak increase during the second "
         "forward pass (after a warm-up), i.e. activations and workspaces beyond the weights, "
         "which are listed apart. *Fold*: peak increase during the conversion (after a warm-up "
-        "fold of a tiny model), including the new model it returns.",
+        "fold of a tiny model and one forward pass of the model at the input size, whose "
+        "lasting cost, torch's caches, is listed apart), including the new model it returns.",
         "- **Fold time**: wall time of the call, tracing and shape propagation included; one "
         f"call per round, rounds interleaved between the two converters ({cfg.fold_rounds} "
         "rounds); the first call is shown apart (cold).",
@@ -487,16 +490,18 @@ def _fold_lines(results: dict) -> list[str]:
             rows.append([c.display(spec)]
                         + [f"{r / MIB:.0f} / {p / MIB:.0f}" for _, r, p in phases]
                         + [_mib(plan), _mib(m["peak"]), _mib(m["retained"]),
-                           _mib(m["out_bytes"])])
+                           _mib(m["out_bytes"]), _mib(m.get("warm_forward"))])
         if rows:
             width = max(len(r) for r in rows)
             rows = [r for r in rows if len(r) == width]
             lines += ["Where the fold's memory goes: RSS / peak RSS increase in MiB as each phase "
                       "of `reparam.fold` returns; the kernels (weights and biases) the plan "
                       "holds when materializing starts; then the final peak, what stays "
-                      "resident, and the folded model's own bytes.", ""]
+                      "resident, and the folded model's own bytes; last, what one forward "
+                      "pass of the model at this input size, run before the measurement, left "
+                      "resident (torch's caches, not counted in the fold's peak).", ""]
             lines += _table(["model", *names, "plan kernels", "peak", "retained",
-                             "folded model"], rows)
+                             "folded model", "first forward (apart)"], rows)
             lines.append("")
     return lines
 

@@ -137,52 +137,124 @@ class Folder:
         return OPAQUE
 
     def interpret(self, barriers: set[fx.Node]) -> Plan:
+        """One walk over the graph: the value of every node, given the current barriers.
+
+        A kernel is kept only while a node still to be walked may read it: once every user of an
+        inner node has been walked, its kernel is *spent* (its tensors move to the meta device,
+        keeping the geometry the plan reads). A later walk that needs it again recomputes it from
+        its inputs, which gives the same value since they are unchanged. Only the barriers' kernels
+        (the regions' results) stay, so the walk holds the frontier, not every intermediate kernel.
+        """
         values: dict[fx.Node, Value] = {}
         hints: set[fx.Node] = set()
         reasons: dict[fx.Node, str] = {}
+        waiting = {n: len(n.users) for n in self.graph.nodes}
         for node in self.graph.nodes:
-            if node.op == "placeholder" or node.op == "output":
-                values[node] = OPAQUE
-            elif node.op == "get_attr":
-                if node not in self._consts:
-                    self._consts[node] = Const(_fetch(self.gm, str(node.target)))
-                values[node] = self._consts[node]
-            elif node in self.forced:
-                values[node] = OPAQUE
-                reasons[node] = self.forced[node]
-                if self._memo.get(node, (None,))[0] != "forced":
-                    self._memo[node] = ("forced",)
-                    self._bump(node)
-            elif _is_rank_query(node):
-                values[node] = Const(len(shape_of(node.args[0])))
-            else:
-                inputs = node.all_input_nodes
-                if node.op != "call_module" and all(
-                    isinstance(values.get(i), Const) for i in inputs
-                ):
-                    values[node] = self._const(node, values)
-                    continue
-                op = self.ops[node]
-                if op is None:
-                    values[node] = OPAQUE
-                    why = why_kept(node, self.modules)
-                    if why is not None:
-                        reasons[node] = why
-                    continue
-                key = tuple((self._version.get(i, 0), i in barriers) for i in inputs)
-                memo = self._memo.get(node)
-                if memo is not None and memo[0] == key:
-                    values[node] = memo[1]
-                    if memo[2] is not None:
-                        reasons[node] = memo[2]
-                    hints |= memo[3] - barriers
-                    continue
-                found: set[fx.Node] = set()
-                values[node] = self._fold_node(node, op, values, barriers, reasons, found)
-                self._memo[node] = (key, values[node], reasons.get(node), found)
-                self._bump(node)
-                hints |= found
+            revived = self._visit(node, values, barriers, reasons, hints)
+            if node in barriers:
+                self._settle(node, values)
+            for i in node.all_input_nodes:
+                waiting[i] -= 1
+            for i in {*node.all_input_nodes, *revived}:
+                if waiting[i] <= 0 and i not in barriers:
+                    self._spend(i, values)
         return Plan(values, barriers, reasons, hints)
+
+    def _visit(self, node: fx.Node, values: dict[fx.Node, Value], barriers: set[fx.Node],
+               reasons: dict[fx.Node, str], hints: set[fx.Node]) -> list[fx.Node]:
+        """Compute ``values[node]``; returns the spent inputs it had to recompute."""
+        if node.op == "placeholder" or node.op == "output":
+            values[node] = OPAQUE
+        elif node.op == "get_attr":
+            if node not in self._consts:
+                self._consts[node] = Const(_fetch(self.gm, str(node.target)))
+            values[node] = self._consts[node]
+        elif node in self.forced:
+            values[node] = OPAQUE
+            reasons[node] = self.forced[node]
+            if self._memo.get(node, (None,))[0] != "forced":
+                self._memo[node] = ("forced",)
+                self._bump(node)
+        elif _is_rank_query(node):
+            values[node] = Const(len(shape_of(node.args[0])))
+        else:
+            inputs = node.all_input_nodes
+            if node.op != "call_module" and all(isinstance(values.get(i), Const) for i in inputs):
+                values[node] = self._const(node, values)
+                return []
+            op = self.ops[node]
+            if op is None:
+                values[node] = OPAQUE
+                why = why_kept(node, self.modules)
+                if why is not None:
+                    reasons[node] = why
+                return []
+            key = tuple((self._version.get(i, 0), i in barriers) for i in inputs)
+            memo = self._memo.get(node)
+            if memo is not None and memo[0] == key:
+                values[node] = memo[1]
+                if memo[2] is not None:
+                    reasons[node] = memo[2]
+                hints |= memo[3] - barriers
+                # a region's result keeps its kernel: a node that became a barrier gets it back
+                return self._revive([node], values, barriers) if node in barriers else []
+            revived = self._revive(inputs, values, barriers)
+            found: set[fx.Node] = set()
+            values[node] = self._fold_node(node, op, values, barriers, reasons, found)
+            self._memo[node] = (key, values[node], reasons.get(node), found)
+            self._bump(node)
+            hints |= found
+            return revived
+        return []
+
+    def _settle(self, node: fx.Node, values: dict[fx.Node, Value]) -> None:
+        """Cast a region's result to the dtype its module will have: nothing reads a barrier's
+        kernel but materialization (which casts it the same way) and the cost policy (which
+        reads its geometry), so this rounds once, as materializing would, and halves what the
+        plan holds."""
+        value = values.get(node)
+        if not isinstance(value, Lin) or _spent(value):
+            return
+        dtype = dtype_of(node) or torch.float32
+        dtype = dtype if dtype.is_floating_point else torch.float32
+        k = value.kernel
+        if k.weight.dtype == dtype:
+            return
+        cast = replace(k, weight=k.weight.to(dtype), bias=k.bias.to(dtype))
+        values[node] = Lin(value.source, cast, value.nodes, value.rules)
+        memo = self._memo.get(node)
+        if memo is not None and memo[1] is value:
+            self._memo[node] = (memo[0], values[node], *memo[2:])
+
+    def _spend(self, node: fx.Node, values: dict[fx.Node, Value]) -> None:
+        """Let the kernel of a node nobody will read in this walk go (see :meth:`interpret`)."""
+        value = values.get(node)
+        if isinstance(value, Lin) and not _spent(value):
+            values[node] = _release(value)
+            memo = self._memo.get(node)
+            if memo is not None and memo[1] is value:
+                self._memo[node] = (memo[0], values[node], *memo[2:])
+
+    def _revive(self, inputs: Sequence[fx.Node], values: dict[fx.Node, Value],
+                barriers: set[fx.Node]) -> list[fx.Node]:
+        """Recompute the spent kernels among ``inputs`` (and theirs, as far as needed), in graph
+        order. Their inputs are unchanged (their memo keys matched), so the values are the same
+        and their versions stay."""
+        todo: list[fx.Node] = []
+        stack = [i for i in inputs if isinstance(values.get(i), Lin) and _spent(values[i])]
+        while stack:
+            n = stack.pop()
+            if n in todo:
+                continue
+            todo.append(n)
+            stack += [i for i in n.all_input_nodes
+                      if isinstance(values.get(i), Lin) and _spent(values[i])]
+        todo.sort(key=_order)
+        for n in todo:
+            memo = self._memo[n]
+            values[n] = self._fold_node(n, self.ops[n], values, barriers, {}, set())
+            self._memo[n] = (memo[0], values[n], *memo[2:])
+        return todo
 
     def _bump(self, node: fx.Node) -> None:
         self._tick += 1
@@ -376,6 +448,8 @@ class Folder:
 
     # --- rewriting -----------------------------------------------------------------------------
     def materialize(self, plan: Plan) -> Report:
+        """Replace each region by one new module, releasing its float64 kernel as it goes."""
+        self._memo.clear()  # the plan is final: no walk reads the memo's kernels again
         report = Report()
         removed: set[fx.Node] = set()
         pending: list[tuple[str, str, nn.Module]] = []
@@ -384,6 +458,8 @@ class Folder:
             value = plan.values[b]
             if not isinstance(value, Lin):
                 continue
+            if _spent(value):  # pragma: no cover - interpret keeps every barrier's kernel
+                raise RuntimeError(f"reparam: the kernel of '{b}' was released too early")
             source = done.get(value.source, value.source)
             if _is_identity(value.kernel) and value.source is not b:
                 if b in self.mutated:
@@ -396,8 +472,7 @@ class Folder:
                 continue
             main = max(value.nodes, key=lambda n: (self.op_cost(n), -_order(n)))
             base = self._module_name(main) or b.name
-            dtype = dtype_of(b) or torch.float32
-            module = to_module(value.kernel, dtype if dtype.is_floating_point else torch.float32,
+            module = to_module(value.kernel, value.kernel.weight.dtype,  # cast by _settle
                                bias=self._has_bias_source(value.nodes))
             temp = f"_reparam_tmp_{len(pending)}"
             self.gm.add_submodule(temp, module)
@@ -414,6 +489,7 @@ class Folder:
                 self._params(value.nodes), sum(p.numel() for p in module.parameters()),
                 sum(self.op_cost(n) for n in value.nodes), self.kernel_cost(b, value),
                 output=b.name))
+            plan.values[b] = _release(value)  # its float64 kernel now lives on in the module
         for node in [n for n in self.graph.nodes if _is_rank_query(n)]:
             x = node.args[0]
             if x in removed:  # the folded region keeps the rank: ask its source
@@ -550,6 +626,17 @@ def _what(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     if node.op in ("call_function", "call_method"):
         return getattr(node.target, "__name__", str(node.target))
     return node.op
+
+
+def _spent(value: Lin) -> bool:
+    return value.kernel.weight.is_meta
+
+
+def _release(value: Lin) -> Lin:
+    """The same value with its kernel's tensors on the meta device: geometry only, no memory."""
+    k = value.kernel
+    meta = replace(k, weight=k.weight.to("meta"), bias=k.bias.to("meta"))
+    return Lin(value.source, meta, value.nodes, value.rules)
 
 
 def _is_rank_query(node: fx.Node) -> bool:
