@@ -439,12 +439,39 @@ class Folder:
             cuts, forced = self._too_dear(plan)
             forced.update(self._wrong_shape(plan))
             if not cuts and not forced:
-                plan.reasons = {**first, **self.cost_reasons, **self.forced}
+                plan.reasons = {**self._alone(plan), **first, **self.cost_reasons,
+                                **self.forced}
                 return plan
             barriers |= cuts
             self.forced.update(forced)
             barriers -= set(forced)
         raise RuntimeError("reparam: the fold did not reach a fixpoint")  # pragma: no cover
+
+    def _alone(self, plan: Plan) -> dict[fx.Node, str]:
+        """Why a BN or a constant scale or shift stays as an op of its own: a region of one op,
+        with nothing linear on either side that it could be folded into."""
+        out = {}
+        for b in plan.barriers:
+            value = plan.values[b]
+            if not isinstance(value, Lin) or not self._trivial(value):
+                continue
+            real = [n for n in value.nodes if self.ops[n].kind != "identity"]
+            if len(real) != 1 or self.ops[real[0]].kind not in _ABSORBABLE:
+                continue
+            node = real[0]
+            x = value.source
+            xv = plan.values.get(x)
+            if isinstance(xv, Lin) and xv.nodes:
+                others = [u.name for u in x.users if u not in value.nodes]
+                before = (f"its input '{x.name}' ({_what(x, self.modules)}) is also read by "
+                          f"{_names(others)}, so it cannot take this op in")
+            else:
+                before = f"its input '{x.name}' comes from {_what(x, self.modules)}, not linear"
+            users = [u for u in b.users if not _is_rank_query(u)]
+            after = ", ".join(f"'{u.name}' ({_what(u, self.modules)})" for u in users)
+            out[node] = (f"nothing linear to fold it into: {before}; its output goes to "
+                         f"{after or 'nothing'}, which no rule in the rule set folds it into")
+        return out
 
     # --- rewriting -----------------------------------------------------------------------------
     def materialize(self, plan: Plan) -> Report:
@@ -626,6 +653,14 @@ def _what(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     if node.op in ("call_function", "call_method"):
         return getattr(node.target, "__name__", str(node.target))
     return node.op
+
+
+_ABSORBABLE = ("batch_norm", "mul", "div", "add", "sub", "neg")  # ops a neighbour could take in
+
+
+def _names(nodes: list[str]) -> str:
+    return ", ".join(f"'{n}'" for n in nodes[:3]) + (f" and {len(nodes) - 3} more"
+                                                     if len(nodes) > 3 else "")
 
 
 def _spent(value: Lin) -> bool:

@@ -267,3 +267,30 @@ def test_model_with_a_non_leaf_tensor_cache_still_folds():
     folded = reparam.fold(m, (x,))
     assert n_ops(folded, "batch_norm") == 0
     assert_equivalent(m, folded, x)
+
+
+@pytest.mark.parametrize("tail", ["bn", "scale"])
+def test_lone_affine_op_between_nonlinearities_stays_and_is_named(tail):
+    """A BN (or a constant scale) with a ReLU on both sides has nothing to fold into: it stays,
+    and the report lists it with the reason, instead of claiming nothing linear was left."""
+
+    class Lone(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+            self.gamma = nn.Parameter(torch.rand(1, 4, 1, 1) + 0.5)
+
+        def forward(self, x):
+            y = torch.relu(self.conv(x))
+            y = self.bn(y) if tail == "bn" else y * self.gamma
+            return torch.sigmoid(y)
+
+    model = randomize_bn(Lone())
+    x = torch.randn(2, 3, 8, 8)
+    folded = reparam.fold(model, x)
+    assert_equivalent(model, folded, x)
+    report = folded.reparam_report
+    assert len(report.leftovers) == 1 and not report.complete, str(report)
+    why = report.leftovers[0].reason
+    assert "nothing linear to fold it into" in why and "relu" in why and "sigmoid" in why, why
