@@ -501,6 +501,9 @@ class Folder:
             base = self._module_name(main) or b.name
             module = to_module(value.kernel, value.kernel.weight.dtype,  # cast by _settle
                                bias=self._has_bias_source(value.nodes))
+            fmt = self._memory_format(main)
+            if fmt is not None and module.weight.dim() == 4 + (fmt is torch.channels_last_3d):
+                module.to(memory_format=fmt)
             temp = f"_reparam_tmp_{len(pending)}"
             self.gm.add_submodule(temp, module)
             with self.graph.inserting_before(b):
@@ -540,6 +543,21 @@ class Folder:
             report.leftovers.append(Leftover(node.name, op.kind if op else node.op, reason))
         self.gm.recompile()
         return report
+
+    def _memory_format(self, node: fx.Node) -> torch.memory_format | None:
+        """The channels-last format of a conv's weight (kept by the module that replaces it)."""
+        op = self.ops.get(node)
+        if op is None or op.kind != "conv":
+            return None
+        w = op.attrs["weight"]
+        w = w if isinstance(w, torch.Tensor) else _fetch_node(self.gm, w)
+        if w is None or w.is_contiguous():
+            return None
+        for fmt in (torch.channels_last, torch.channels_last_3d):
+            if w.dim() == 4 + (fmt is torch.channels_last_3d) and w.is_contiguous(
+                    memory_format=fmt):
+                return fmt
+        return None
 
     def _has_bias_source(self, nodes: set[fx.Node]) -> bool:
         """Whether any op of a region adds a bias (a BN, a biased conv, a constant shift)."""

@@ -248,6 +248,9 @@ def test_channels_last_model_folds(nd):
     x = torch.randn(2, 8, *([6] * nd)).to(memory_format=fmt)
     folded = check_fold(model, x)
     assert n_ops(folded, "conv") == 1
+    (conv,) = [m for m in folded.modules() if isinstance(m, nn.Conv2d | nn.Conv3d)]
+    assert conv.weight.is_contiguous(memory_format=fmt)  # the caller's format is kept
+    assert not conv.weight.is_contiguous() or conv.weight.shape[1] == 1
 
 
 # --- padding strings and modes, pools, in-place ops ------------------------------------------
@@ -447,8 +450,7 @@ def test_dict_and_nested_outputs_keep_their_structure():
 
 
 def test_channels_last_output_values_do_not_depend_on_the_format():
-    """The folded weights are made contiguous (the caller's channels-last format is not kept;
-    call .to(memory_format=...) on the folded model); values are the same either way."""
+    """A channels-last model folds to channels-last weights; values are the same either way."""
     model = randomize_bn(RepVGGBlock(8, 8))
     x = torch.randn(2, 8, 6, 6)
     cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
