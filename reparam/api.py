@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import operator
 import time
 from collections import Counter
@@ -115,7 +116,7 @@ def fold(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] = ALL,
     :class:`~reparam.errors.CheckError` naming the first region that diverges.
     """
     _validate(model, rules, max_cost, leaf_modules)
-    with _one_thread():
+    with _one_thread(), _no_cyclic_gc():
         return _fold(model, example_inputs, tuple(rules), check, max_cost, tuple(leaf_modules))
 
 
@@ -129,6 +130,20 @@ def _one_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@contextmanager
+def _no_cyclic_gc():
+    """Tracing and copying create many small objects, and each automatic collection scans them
+    and the caller's model: a third of the fold time on timm's mobileone_s0. Reference counting
+    still frees every tensor as it goes; the collector's state is restored afterwards."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _fold(model: nn.Module, example_inputs, rules: tuple, check: bool, max_cost: float,

@@ -9,6 +9,7 @@ its own copies of the ones it keeps (:func:`own_tensors`).
 from __future__ import annotations
 
 import ast
+import collections
 import copy
 import functools
 import inspect
@@ -46,8 +47,7 @@ def light_copy(model: nn.Module) -> nn.Module:
         if id(m) in memo:  # a module used in two places stays one module
             return memo[id(m)]
         cls = type(m)
-        state = {key: copy.copy(value) if isinstance(value, (dict, list, set)) else value
-                 for key, value in vars(m).items() if key != "_modules"}
+        state = {key: _shallow(value) for key, value in vars(m).items() if key != "_modules"}
         if cls.__new__ is object.__new__:  # a new object and dict: no __init__, no __reduce_ex__
             new = object.__new__(cls)
             object.__setattr__(new, "__dict__", state)
@@ -67,6 +67,18 @@ def light_copy(model: nn.Module) -> nn.Module:
         memo_t.update({id(t): t for t in model.buffers()})
         memo_t.update({id(t): t for t in _cached_tensors(model)})
         return copy.deepcopy(model, memo_t)
+
+
+_PLAIN = (dict, list, set, collections.OrderedDict)
+
+
+def _shallow(value):
+    """A new container with the same items (``.copy()`` of the exact built-in types: far faster
+    than ``copy.copy``, which goes through ``__reduce_ex__`` for an OrderedDict); other values
+    are shared."""
+    if type(value) in _PLAIN:
+        return value.copy()
+    return copy.copy(value) if isinstance(value, (dict, list, set)) else value
 
 
 def deep_copy(model: nn.Module) -> nn.Module:
