@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import fx, nn
 
+from .commute import push_affine
 from .context import Context, _is_identity
 from .materialize import to_module
 from .ops import Op, describe, dtype_of, may_alias, mutated_input, shape_of, why_kept
@@ -166,8 +167,10 @@ class Folder:
         if node.op == "placeholder" or node.op == "output":
             values[node] = OPAQUE
         elif node.op == "get_attr":
-            if node not in self._consts:
-                self._consts[node] = Const(_fetch(self.gm, str(node.target)))
+            if node not in self._consts:  # a moved BN's scale keeps its float64 value
+                exact = node.meta.get("reparam_exact")
+                self._consts[node] = Const(exact if exact is not None
+                                           else _fetch(self.gm, str(node.target)))
             values[node] = self._consts[node]
         elif node in self.forced:
             values[node] = OPAQUE
@@ -746,11 +749,17 @@ def drop_identities(gm: fx.GraphModule) -> None:
 def fold_graph(gm: fx.GraphModule, rules: Sequence[Rule], max_cost: float = 1.0) -> Report:
     """Fold ``gm`` in place (shapes must already be propagated) and return the report."""
     drop_identities(gm)
+    moved = push_affine(gm, {r.name for r in rules},
+                        _mutated_aliases(gm.graph, dict(gm.named_modules())))
     for i, node in enumerate(gm.graph.nodes):
         node.meta["_reparam_order"] = i
     folder = Folder(gm, rules, max_cost)
     plan = folder.plan()
     report = folder.materialize(plan)
+    read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in moved:  # a moved BN's scale and shift, now folded into a linear layer
+        if name not in read:
+            delattr(gm, name)
     for node in gm.graph.nodes:
         node.meta.pop("_reparam_order", None)
         node.meta.pop("_reparam_what", None)

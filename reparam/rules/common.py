@@ -184,10 +184,14 @@ def scale_shift(ctx: Context, op: Op) -> Lin | None:
     layout = ctx.layout_of(tensor)
     if layout is None:
         raise NoFold(f"the shape of '{tensor}' is unknown")
-    x = ctx.lin(tensor, layout)
-    c = ctx.channel_vector(ctx.const(first if const_first else second), layout)
+    const = ctx.const(first if const_first else second)
+    c = ctx.channel_vector(const, layout)
+    if c is None and not isinstance(ctx.value(tensor), Lin) and len(ctx.shape(tensor)) > 2:
+        layout = (0, True)  # one value per token channel (the last axis), as a Linear reads it
+        c = ctx.channel_vector(const, layout)
     if c is None:
         raise NoFold("the constant is not a scalar or one value per channel")
+    x = ctx.lin(tensor, layout)
     c = c.to(x.kernel.weight.device)
     alpha = op.attrs.get("alpha", 1)
     k = x.kernel
