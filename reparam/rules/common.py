@@ -129,13 +129,14 @@ def conv(ctx: Context, op: Op) -> Lin:
     return ctx.result(_exact(K.compose, a, k), x, rule="conv")
 
 
-_HUGE = 1 << 24  # weights (128 MiB in float64)
+_HUGE = 1 << 20  # weights (8 MiB in float64)
 
 
 def _refuse_huge_and_dear(a: Kernel, b: Kernel) -> None:
-    """Do not even build a huge composed kernel that costs more than its two parts (a large
-    depthwise kernel then a dense 1x1 would become a dense large kernel): the cost policy would
-    refuse it anyway, after allocating it."""
+    """Do not even build a large composed kernel that costs more than its two parts (a large
+    depthwise kernel then a dense 1x1 would become a dense large kernel, as in FastViT's ConvFFN):
+    the cost policy would almost always refuse it, after building it. (It would pay only if a
+    dense branch of the same size were summed with it.)"""
     numel = K.composed_numel(a, b)
     apart = a.weight.numel() * math.prod(b.stride) + b.weight.numel()
     if numel > _HUGE and numel > apart:
