@@ -234,12 +234,13 @@ def _rewrite(gm: fx.GraphModule, bn: fx.Node, x: fx.Node, end: fx.Node,
             gm.register_buffer(name, value.to(dtype))
             nodes.append((name, value))
     prev = end
-    for (name, value), fn in zip(nodes, (operator.mul, operator.add), strict=True):
+    for (name, value), fn, label in zip(nodes, (operator.mul, operator.add),
+                                        (f"{bn.name}_scaled", f"{bn.name}_moved"), strict=True):
         with graph.inserting_after(prev):
             const = graph.get_attr(name)
         const.meta["reparam_exact"] = value
-        with graph.inserting_after(const):
-            prev = graph.call_function(fn, (prev, const))
+        with graph.inserting_after(const):  # named after the BN, for the report
+            prev = graph.create_node("call_function", fn, (prev, const), name=label)
         prev.meta = {k: v for k, v in end.meta.items() if k in ("tensor_meta", "val")}
     for user in consumers:
         user.replace_input_with(end, prev)
