@@ -91,6 +91,25 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+def calibrate_bn(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Set every BN's running statistics to the batch statistics of ``x`` (its affine parameters
+    stay random). Deep nets with random weights and random statistics can be so ill-conditioned
+    that float64 itself cannot evaluate them stably (repvgg_d2se: a 1e-14 change of the input
+    moves the output by 4%); calibrated statistics keep activations near unit scale."""
+    bns = [m for m in model.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average: one batch sets the statistics exactly
+        m.train()
+    with torch.no_grad():
+        model(x)
+    for m, momentum in zip(bns, saved, strict=True):
+        m.momentum = momentum
+    return model.eval()
+
+
 def create(name: str, seed: int = 0) -> nn.Module:
     import timm
 
@@ -161,6 +180,12 @@ def ops3(counts: Counter | dict) -> dict[str, int]:
     return {k: int(counts.get(k, 0)) for k in KINDS}
 
 
+def linear_ops(counts: Counter | dict) -> int:
+    """Every op ``reparam.count_ops`` counts (conv, linear, BN, add, mul, pool, cat...), but the
+    shape-only ones (flatten, reshape), which compute nothing."""
+    return int(sum(n for k, n in counts.items() if k not in ("flatten", "reshape")))
+
+
 # --- one model ---------------------------------------------------------------------------------
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -181,25 +206,30 @@ def input_size(model: nn.Module, cap: int | None) -> int:
         return size
 
 
-def measure(name: str, cap: int | None = 224, seed: int = 0) -> dict:
+def measure(name: str, cap: int | None = 224, seed: int = 0, calibrate: bool = False) -> dict:
     """Everything one table row needs, for one model."""
     from timm.utils.model import reparameterize_model
 
     model = create(name, seed)
     size = input_size(model, cap)
-    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
-    row = {"model": name, "family": family_of(name), "size": size,
+    gen = torch.Generator().manual_seed(seed)
+    if calibrate:
+        calibrate_bn(model, torch.randn(4, 3, size, size, generator=gen))
+    x = torch.randn(1, 3, size, size, generator=gen)
+    row = {"model": name, "family": family_of(name), "size": size, "calibrated": calibrate,
            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
     with torch.no_grad():
         want = copy.deepcopy(model).double()(x.double())
         row["orig32_err"] = rel_err(model(x), want)  # float32 rounding alone, no folding
-        row["ops_before"] = ops3(deep_ops(model))
+        before = deep_ops(model)
+        row["ops_before"], row["all_before"] = ops3(before), linear_ops(before)
 
         start = time.perf_counter()
         folded = reparam.fold(model, x)
         row["reparam_s"] = time.perf_counter() - start
         row["reparam_err"] = rel_err(folded(x), want)
-        row["ops_reparam"] = ops3(deep_ops(folded))
+        after = deep_ops(folded)
+        row["ops_reparam"], row["all_reparam"] = ops3(after), linear_ops(after)
         report = folded.reparam_report
         row["regions"] = len(report.regions)
         row["untraced"] = [p for p, _ in report.untraced]
@@ -212,7 +242,8 @@ def measure(name: str, cap: int | None = 224, seed: int = 0) -> dict:
         deployed = reparameterize_model(model)  # timm's default call, with its own deepcopy
         row["timm_s"] = time.perf_counter() - start
         row["timm_err"] = rel_err(deployed(x), want)
-        row["ops_timm"] = ops3(deep_ops(deployed))
+        after = deep_ops(deployed)
+        row["ops_timm"], row["all_timm"] = ops3(after), linear_ops(after)
 
         model64 = copy.deepcopy(model).double()  # the fold itself, without float32 rounding
         row["fold64_err"] = rel_err(reparam.fold(model64, x.double())(x.double()), want)
@@ -265,7 +296,9 @@ def _better(row: dict) -> str:
     more = [k for k in KINDS if r[k] > t[k]]
     names = {"conv": "conv", "batch_norm": "BN", "add": "add"}
     if more:
-        return "more " + ", ".join(names[k] for k in more)
+        total = (f" ({row['all_reparam']} vs {row['all_timm']} ops in all)"
+                 if "all_reparam" in row else "")
+        return "more " + ", ".join(names[k] for k in more) + total
     if fewer:
         return "**fewer** " + ", ".join(names[k] for k in fewer)
     return "same"
@@ -286,8 +319,11 @@ def render(rows: list[dict], failures: list[dict], bench_rows: list[dict], meta:
         "  exactness of the fold itself).",
         "* **time**: one call of `reparam.fold(model, x)` (copy, trace, shape propagation,",
         "  fold) and one of `reparameterize_model(model)` (timm's default, with its deepcopy).",
+        "* **all ops**: every op `reparam.count_ops` counts (conv, linear, BN, add, mul, pool,",
+        "  cat...; not the shape-only flatten and reshape), after reparam / after timm.",
         "* **vs timm**: *fewer* where reparam's fold leaves fewer ops of some kind than timm's",
-        "  converter and no kind more.",
+        "  converter and no kind more; *more* names the kind and gives the totals (an avg-pool",
+        "  and the BN after it become one conv: one conv more, two ops fewer).",
         "",
     ]
     n_better = sum(1 for r in rows if _better(r).startswith("**fewer"))
@@ -307,8 +343,8 @@ def render(rows: list[dict], failures: list[dict], bench_rows: list[dict], meta:
     fams = sorted({r["family"] for r in rows})
     lines += ["## Per family", "",
               "| family | models | BN left (reparam / timm, summed) | conv+BN+add left "
-              "(reparam / timm) | max err reparam / timm |",
-              "|---|---:|---:|---:|---:|"]
+              "(reparam / timm) | all ops left (reparam / timm) | max err reparam / timm |",
+              "|---|---:|---:|---:|---:|---:|"]
     for fam in fams:
         rs = [r for r in rows if r["family"] == fam]
         bn_r = sum(r["ops_reparam"]["batch_norm"] for r in rs)
@@ -317,16 +353,19 @@ def render(rows: list[dict], failures: list[dict], bench_rows: list[dict], meta:
         all_t = sum(sum(r["ops_timm"].values()) for r in rs)
         er = max(r["reparam_err"] for r in rs)
         et = max(r["timm_err"] for r in rs)
+        tot_r = sum(r.get("all_reparam", 0) for r in rs)
+        tot_t = sum(r.get("all_timm", 0) for r in rs)
         lines.append(f"| {fam} | {len(rs)} | {bn_r} / {bn_t} | {all_r} / {all_t} | "
-                     f"{er:.1e} / {et:.1e} |")
+                     f"{tot_r} / {tot_t} | {er:.1e} / {et:.1e} |")
     lines += ["", "## Every model", "",
-              "| model | px | ops before | ops reparam | ops timm | vs timm | err reparam | "
-              "err timm | fp32 orig | fp64 fold | reparam s | timm s |",
-              "|---|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+              "| model | px | ops before | ops reparam | ops timm | all ops reparam / timm | "
+              "vs timm | err reparam | err timm | fp32 orig | fp64 fold | reparam s | timm s |",
+              "|---|---:|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['size']} | {_ops(r['ops_before'])} | {_ops(r['ops_reparam'])} "
-            f"| {_ops(r['ops_timm'])} | {_better(r)} | {r['reparam_err']:.1e} | "
+            f"| {_ops(r['ops_timm'])} | {r.get('all_reparam', '-')} / {r.get('all_timm', '-')} "
+            f"| {_better(r)} | {r['reparam_err']:.1e} | "
             f"{r['timm_err']:.1e} | {r['orig32_err']:.1e} | {r['fold64_err']:.0e} | "
             f"{r['reparam_s']:.2f} | {r['timm_s']:.2f} |")
     if failures:
@@ -389,8 +428,10 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
 
 
-def _run_one(name: str, cap: int | None, timeout: float) -> dict:
+def _run_one(name: str, cap: int | None, timeout: float, calibrate: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--one", name, "--cap", str(cap or 0)]
+    if calibrate:
+        cmd.append("--calibrate")
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
@@ -402,22 +443,34 @@ def _run_one(name: str, cap: int | None, timeout: float) -> dict:
     return {"model": name, "error": tail}
 
 
+def _load_rows(path: Path) -> dict[str, dict]:
+    """Rows of an earlier, interrupted run (failures are run again)."""
+    if not path.exists():
+        return {}
+    rows = (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line)
+    return {r["model"]: r for r in rows if "error" not in r}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", help="write the Markdown report here (e.g. docs/timm.md)")
     p.add_argument("--json", help="also write the raw rows here")
+    p.add_argument("--rows", help="a JSON-lines file: each finished row is appended to it, and "
+                   "models already in it are not run again (resume a long run)")
     p.add_argument("--models", nargs="*", help="fnmatch patterns (default: all 106)")
     p.add_argument("--cap", type=int, default=224, help="largest input side (0: default size)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per model")
     p.add_argument("--bench", dest="bench", action="store_true", default=None)
     p.add_argument("--no-bench", dest="bench", action="store_false")
+    p.add_argument("--calibrate", action="store_true",
+                   help="BN statistics from a random batch instead of random (see calibrate_bn)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     cap = args.cap or None
     if args.one:
         try:
-            print(json.dumps(measure(args.one, cap)), flush=True)
+            print(json.dumps(measure(args.one, cap, calibrate=args.calibrate)), flush=True)
         except Exception as e:  # noqa: BLE001
             print(json.dumps({"model": args.one, "error": f"{type(e).__name__}: {e}"}),
                   flush=True)
@@ -428,10 +481,14 @@ def main(argv=None) -> int:
     names = list_models()
     if args.models:
         names = [n for n in names if any(fnmatch.fnmatch(n, pat) for pat in args.models)]
+    done = _load_rows(Path(args.rows)) if args.rows else {}
     rows, failures = [], []
     for i, name in enumerate(names, 1):
         start = time.perf_counter()
-        row = _run_one(name, cap, args.timeout)
+        row = done.get(name) or _run_one(name, cap, args.timeout, args.calibrate)
+        if args.rows and name not in done:
+            with open(args.rows, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
         (failures if "error" in row else rows).append(row)
         status = row.get("error") or (
             f"err {row['reparam_err']:.1e}/{row['timm_err']:.1e} ops "
