@@ -126,10 +126,9 @@ def _mem_cause(m: dict, blocks: int | None = None) -> str:
         parts.append(f"The peak grows most during {where} (+{jump / MIB:.0f} MiB)")
     if plan is not None:
         parts.append(f"when materializing starts, the plan holds {plan / MIB:.1f} MiB of kernels "
-                     f"({plan / params:.1f}x the parameter bytes on its own): the float64 "
-                     "kernels of the regions' results, which materializing turns into the "
-                     "model's dtype one region at a time (intermediate kernels are released "
-                     "during the walk)")
+                     f"({plan / params:.1f}x the parameter bytes on its own): the kernels "
+                     "of the regions' results, already cast to the model's dtype (the kernel "
+                     "arithmetic is float64; intermediate kernels are released during the walk)")
     traced = next((r for name, r, _ in phases if name == "trace"), None)
     if traced is not None:
         per = f" ({traced / blocks / 1024:.0f} KiB per block)" if blocks else ""
