@@ -174,12 +174,16 @@ def _bn_affine(op: Op, gm: fx.GraphModule) -> tuple[torch.Tensor, torch.Tensor] 
 def push_affine(gm: fx.GraphModule, enabled: set[str], mutated: set[fx.Node]) -> list[str]:
     """Move each eval-mode BN whose output reaches only linear layers on the channel axis,
     through ops it commutes with, to just before them (see the module docstring). Returns the
-    names of the buffers it added (the moved scales and shifts)."""
+    names of the buffers it added (the moved scales and shifts).
+
+    BNs are taken last first, so that a BN whose path meets another BN that has already been
+    moved (NextViT: ``norm1`` reaches ``k, v`` through a pool and the pool's own ``norm``) composes
+    with it there: two per-channel affine maps on the same channels are one."""
     if not all(name in enabled for name in (*NEEDED_RULES, "conv_bn")):
         return []
     modules = dict(gm.named_modules())
     added: list[str] = []
-    for bn in list(gm.graph.nodes):
+    for bn in reversed(list(gm.graph.nodes)):
         op = describe(bn, modules)
         if op is None or op.kind != "batch_norm" or not isinstance(op.inputs[0], fx.Node):
             continue
@@ -188,27 +192,50 @@ def push_affine(gm: fx.GraphModule, enabled: set[str], mutated: set[fx.Node]) ->
         if (shape is None or len(shape) < 2 or shape != shape_of(bn) or bn in mutated
                 or x in mutated):  # the moved ops read x later: no in-place write may come between
             continue
-        end, axis = bn, 1
-        while True:
-            users = _data_users(end)
-            if len(users) != 1 or users[0] in mutated:
-                break
-            nxt = _axis_after(users[0], end, axis, modules)
-            if nxt is None:
-                break
-            end, axis = users[0], nxt
-        out = shape_of(end)
-        consumers = _data_users(end)
-        if (end is bn or out is None or axis != len(out) - 1 or not consumers
-                or any(not _is_linear_on(u, end, modules) for u in consumers)):
+        ends = _follow(bn, 1, modules, mutated, 0)
+        if not ends:
             continue
         affine = _bn_affine(op, gm)
         if affine is None:
             continue
-        added += _rewrite(gm, bn, x, end, consumers, affine)
+        added += _rewrite(gm, bn, x, ends, affine)
     if added:
         gm.graph.lint()
     return added
+
+
+def _follow(node: fx.Node, axis: int, modules: Mapping[str, nn.Module], mutated: set[fx.Node],
+            depth: int) -> list[tuple[fx.Node, list[fx.Node]]] | None:
+    """Every path from ``node`` (channels on ``axis``) through commuting ops to linear layers on
+    the channel axis or to an already moved BN: ``[(last op of a path, its consumers)]``, or
+    ``None`` when some path ends anywhere else."""
+    users = _data_users(node)
+    out = shape_of(node)
+    if not users or out is None or depth > 64:
+        return None
+    ends, consumers = [], []
+    for u in users:
+        if u in mutated:
+            return None
+        if axis == len(out) - 1 and (_is_linear_on(u, node, modules) or _moved_scale(u, node)):
+            consumers.append(u)
+            continue
+        nxt = _axis_after(u, node, axis, modules)
+        sub = None if nxt is None else _follow(u, nxt, modules, mutated, depth + 1)
+        if sub is None:
+            return None
+        ends += sub
+    if consumers and not depth:
+        return None  # a linear layer right after the BN: the fold rules take that in place
+    if consumers:
+        ends.append((node, consumers))
+    return ends
+
+
+def _moved_scale(node: fx.Node, x: fx.Node) -> bool:
+    """``node`` is the scale of a BN this pass moved earlier, reading ``x``."""
+    return (node.op == "call_function" and node.target is operator.mul and node.args[0] is x
+            and node.meta.get("reparam_moved") == "scale")
 
 
 def _is_linear_on(node: fx.Node, x: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
@@ -220,31 +247,64 @@ def _is_linear_on(node: fx.Node, x: fx.Node, modules: Mapping[str, nn.Module]) -
                                                 and weight.op == "get_attr")
 
 
-def _rewrite(gm: fx.GraphModule, bn: fx.Node, x: fx.Node, end: fx.Node,
-             consumers: list[fx.Node], affine: tuple[torch.Tensor, torch.Tensor]) -> list[str]:
+def _rewrite(gm: fx.GraphModule, bn: fx.Node, x: fx.Node,
+             ends: list[tuple[fx.Node, list[fx.Node]]],
+             affine: tuple[torch.Tensor, torch.Tensor]) -> list[str]:
+    """Read ``x`` where ``bn`` was read; apply ``s * . + t`` at the end of every path: a new
+    scale and shift before its linear layers, composed into a moved BN's own."""
     graph = gm.graph
-    dtype = dtype_of(end) or torch.float32
-    for user in list(bn.users):  # the first op of the chain and shape queries: read x instead
+    s, t = affine
+    for user in list(bn.users):  # the first ops of the paths and shape queries: read x instead
         user.replace_input_with(bn, x)
     graph.erase_node(bn)
-    nodes = []
-    with graph.inserting_after(end):
-        for role, value in zip(("scale", "shift"), affine, strict=True):
-            name = _free_name(gm, f"{bn.name}_moved_{role}")
-            gm.register_buffer(name, value.to(dtype))
-            nodes.append((name, value))
+    added: list[str] = []
+    for end, consumers in ends:
+        linear = [u for u in consumers if not _moved_scale(u, end)]
+        for scale in (u for u in consumers if _moved_scale(u, end)):
+            shift = next(iter(scale.users))  # s2 * (s * z + t) + t2 = (s2 s) z + (s2 t + t2)
+            s2, t2 = (_exact(gm, n.args[1]) for n in (scale, shift))
+            new_scale, new_shift = s2 * s, s2 * t + t2  # both from the old values
+            _set_exact(gm, scale.args[1], new_scale)
+            _set_exact(gm, shift.args[1], new_shift)
+        if linear:
+            added += _insert(gm, bn.name, end, linear, affine)
+    return added
+
+
+def _exact(gm: fx.GraphModule, const: fx.Node) -> torch.Tensor:
+    return const.meta["reparam_exact"]
+
+
+def _set_exact(gm: fx.GraphModule, const: fx.Node, value: torch.Tensor) -> None:
+    const.meta["reparam_exact"] = value
+    name = str(const.target)
+    gm.register_buffer(name, value.to(getattr(gm, name).dtype).clone())  # a new tensor
+
+
+def _insert(gm: fx.GraphModule, label: str, end: fx.Node, consumers: list[fx.Node],
+            affine: tuple[torch.Tensor, torch.Tensor]) -> list[str]:
+    """``end * s + t`` as two nodes after ``end``, read by ``consumers`` instead of ``end``."""
+    graph = gm.graph
+    dtype = dtype_of(end) or torch.float32
+    names = []
+    for role, value in zip(("scale", "shift"), affine, strict=True):
+        name = _free_name(gm, f"{label}_moved_{role}")
+        gm.register_buffer(name, value.to(dtype).clone())  # never the float64 value itself
+        names.append((name, value))
     prev = end
-    for (name, value), fn, label in zip(nodes, (operator.mul, operator.add),
-                                        (f"{bn.name}_scaled", f"{bn.name}_moved"), strict=True):
+    for (name, value), fn, role, node_name in zip(
+            names, (operator.mul, operator.add), ("scale", "shift"),
+            (f"{label}_scaled", f"{label}_moved"), strict=True):
         with graph.inserting_after(prev):
             const = graph.get_attr(name)
         const.meta["reparam_exact"] = value
         with graph.inserting_after(const):  # named after the BN, for the report
-            prev = graph.create_node("call_function", fn, (prev, const), name=label)
+            prev = graph.create_node("call_function", fn, (prev, const), name=node_name)
         prev.meta = {k: v for k, v in end.meta.items() if k in ("tensor_meta", "val")}
+        prev.meta["reparam_moved"] = role
     for user in consumers:
         user.replace_input_with(end, prev)
-    return [name for name, _ in nodes]
+    return [name for name, _ in names]
 
 
 def _free_name(gm: nn.Module, base: str) -> str:

@@ -19,6 +19,12 @@ def _is_identity(k: K.Kernel) -> bool:
     return k.is_diagonal and not k.has_bias and bool(torch.all(k.weight == 1))
 
 
+def _is_uniform(k: K.Kernel) -> bool:
+    """A per-channel map with one scale and one shift for all channels: ``a * x + b``."""
+    return (k.is_diagonal and bool(torch.all(k.weight == k.weight.reshape(-1)[0]))
+            and bool(torch.all(k.bias == k.bias.reshape(-1)[0])))
+
+
 class Context:
     """Operands of one node, resolved against the current values of the graph.
 
@@ -79,11 +85,16 @@ class Context:
         if isinstance(value, Lin):
             k = value.kernel
             if layout is not None and (k.nd, k.channels_last) != layout:
-                if not _is_identity(k):
+                if not _is_uniform(k):
                     raise NoFold(f"'{arg}' has another layout than this op expects")
-                # an identity (e.g. Dropout) is the identity in any layout: re-lay it out
+                # the identity (e.g. Dropout), or one scale and one shift for every channel
+                # (x * 2.0, a BN of one channel): the same map in any layout, so re-lay it out
                 ident = self.lin(value.source, layout).kernel
-                return Lin(value.source, ident, value.nodes, value.rules)
+                c = ident.out_channels
+                w, b = k.weight.reshape(-1)[:1], k.bias.reshape(-1)[:1]
+                w, b = w.expand(c).to(ident.weight), b.expand(c).to(ident.weight)
+                laid = K.scale_out(ident, w, b)
+                return Lin(value.source, laid, value.nodes, value.rules)
             return value
         if not isinstance(arg, fx.Node) or isinstance(value, Const):
             raise NoFold(f"operand '{arg}' is a constant, not a tensor computed from the input")

@@ -165,3 +165,52 @@ def test_an_input_written_in_place_after_the_bn_keeps_the_bn():
     folded = reparam.fold(model, x)
     assert_equivalent(model, folded, x)
     assert_exact64(model, x)
+
+
+class NextViTAttention(nn.Module):
+    """NextViT's E-MHSA after its ``norm1``: the tokens go to ``q`` and, through an average pool
+    and the pool's own ``norm``, to ``k`` and ``v``. Both BNs fold (the first composes with the
+    second where its path meets it)."""
+
+    def __init__(self, c: int, nd: int, relu_after_pool: bool = False) -> None:
+        super().__init__()
+        self.norm1 = BN[nd](c)
+        self.q, self.k, self.v = (nn.Linear(c, c) for _ in range(3))
+        self.sr, self.norm = nn.AvgPool1d(2, 2), nn.BatchNorm1d(c)
+        self.relu_after_pool = relu_after_pool
+
+    def forward(self, x):
+        y = self.norm1(x)
+        b, c = y.shape[:2]
+        t = y.reshape(b, c, -1).transpose(-1, -2)  # (B, N, C)
+        q = self.q(t)
+        s = self.norm(self.sr(t.transpose(1, 2)))
+        if self.relu_after_pool:
+            s = torch.relu(s)
+        s = s.transpose(1, 2)
+        return q.sum(1) + self.k(s).sum(1) * self.v(s).mean(1)
+
+
+@settings(max_examples=20, deadline=None)
+@given(c=st.integers(1, 6), nd=st.sampled_from([1, 2]), size=st.sampled_from([2, 4]))
+def test_branching_paths_and_a_second_bn_on_the_way_fold(c, nd, size):
+    model = randomize_bn(NextViTAttention(c, nd))
+    x = torch.randn(2, c, *([size] * nd))
+    folded = reparam.fold(model, x)
+    assert_equivalent(model, folded, x)
+    assert_exact64(model, x)
+    ops = reparam.count_ops(folded)
+    assert not ops.get("batch_norm") and ops.get("avg_pool") == 1, ops
+    assert not any("moved" in name for name, _ in folded.named_buffers())
+
+
+def test_a_path_that_meets_a_bn_that_cannot_move_keeps_the_first_bn():
+    """The pool's ``norm`` is followed by a ReLU, so it cannot move (it folds into the pool
+    instead), and ``norm1``'s path meets no moved BN there: ``norm1`` stays."""
+    model = randomize_bn(NextViTAttention(4, 2, relu_after_pool=True))
+    x = torch.randn(2, 4, 4, 4)
+    folded = reparam.fold(model, x)
+    assert_equivalent(model, folded, x)
+    left = [n.target for n in folded.graph.nodes if n.op == "call_module"
+            and isinstance(folded.get_submodule(n.target), nn.BatchNorm2d)]
+    assert left == ["norm1"], reparam.count_ops(folded)
