@@ -24,7 +24,8 @@ from collections.abc import Mapping
 import torch
 from torch import fx, nn
 
-from .ops import Op, describe, dtype_of, shape_of
+from .kernel import bn_scale_shift
+from .ops import Op, describe, dtype_of, shape_of, tensor_of
 
 _LAYOUT_METHODS = {"transpose", "permute", "flatten", "reshape", "view", "contiguous"}
 _LAYOUT_FUNCTIONS = {torch.transpose, torch.permute, torch.flatten, torch.reshape}
@@ -145,30 +146,17 @@ def _reshaped_axis(before, after, axis: int) -> int | None:
 
 def _bn_affine(op: Op, gm: fx.GraphModule) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(s, t)`` of an eval-mode BN in float64, or ``None`` if its statistics are not known."""
-    def read(a):
-        if isinstance(a, fx.Node) and a.op == "get_attr":
-            obj = gm
-            for part in str(a.target).split("."):
-                obj = getattr(obj, part, None)
-            return obj
-        return a
-
     a = op.attrs
-    mean, var = read(a["mean"]), read(a["var"])
-    eps = a["eps"]
-    if op.attrs.get("training") or not isinstance(mean, torch.Tensor) or not isinstance(
-            var, torch.Tensor) or not isinstance(eps, (int, float)):
+    mean, var = tensor_of(gm, a["mean"]), tensor_of(gm, a["var"])
+    gamma, beta = tensor_of(gm, a["weight"]), tensor_of(gm, a["bias"])
+    if (a.get("training") or mean is None or var is None or not isinstance(a["eps"], (int, float))
+            or (gamma is None) != (a["weight"] is None) or (beta is None) != (a["bias"] is None)):
         return None
-    gamma, beta = read(a["weight"]), read(a["bias"])
-    if any(v is not None and not isinstance(v, torch.Tensor) for v in (gamma, beta)):
-        return None
-    s = 1 / torch.sqrt(var.detach().double() + eps)
-    if gamma is not None:
-        s = s * gamma.detach().double()
-    t = -mean.detach().double() * s
-    if beta is not None:
-        t = t + beta.detach().double()
-    return s, t
+
+    def f64(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.detach().double()
+
+    return bn_scale_shift(f64(mean), f64(var), f64(gamma), f64(beta), a["eps"])
 
 
 def push_affine(gm: fx.GraphModule, enabled: set[str], mutated: set[fx.Node]) -> list[str]:

@@ -342,3 +342,21 @@ def dtype_of(node: Any) -> torch.dtype | None:
         return val.dtype
     meta = node.meta.get("tensor_meta")
     return getattr(meta, "dtype", None)
+
+
+def fetch(gm: nn.Module, target: str) -> Any:
+    """The attribute at dotted path ``target`` of ``gm`` (a ``get_attr`` node's target)."""
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def tensor_of(gm: nn.Module, arg: Any) -> torch.Tensor | None:
+    """An op attribute as a tensor: itself, or what its ``get_attr`` node reads; else ``None``."""
+    if isinstance(arg, torch.Tensor):
+        return arg
+    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        value = fetch(gm, str(arg.target))
+        return value if isinstance(value, torch.Tensor) else None
+    return None

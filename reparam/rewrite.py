@@ -24,7 +24,17 @@ from torch import fx, nn
 from .commute import push_affine
 from .context import Context, _is_identity
 from .materialize import to_module
-from .ops import Op, describe, dtype_of, may_alias, mutated_input, shape_of, why_kept
+from .ops import (
+    Op,
+    describe,
+    dtype_of,
+    fetch,
+    may_alias,
+    mutated_input,
+    shape_of,
+    tensor_of,
+    why_kept,
+)
 from .report import Leftover, Region, Report
 from .rules.tokens import SHAPE_KINDS, output_shape
 from .values import OPAQUE, Const, Lin, NoFold, Rule, Value
@@ -170,7 +180,7 @@ class Folder:
             if node not in self._consts:  # a moved BN's scale keeps its float64 value
                 exact = node.meta.get("reparam_exact")
                 self._consts[node] = Const(exact if exact is not None
-                                           else _fetch(self.gm, str(node.target)))
+                                           else fetch(self.gm, str(node.target)))
             values[node] = self._consts[node]
         elif node in self.forced:
             values[node] = OPAQUE
@@ -224,19 +234,22 @@ class Folder:
         if k.weight.dtype == dtype:
             return
         cast = replace(k, weight=k.weight.to(dtype), bias=k.bias.to(dtype))
-        values[node] = Lin(value.source, cast, value.nodes, value.rules)
-        memo = self._memo.get(node)
-        if memo is not None and memo[1] is value:
-            self._memo[node] = (memo[0], values[node], *memo[2:])
+        self._replace(node, values, Lin(value.source, cast, value.nodes, value.rules))
 
     def _spend(self, node: fx.Node, values: dict[fx.Node, Value]) -> None:
         """Let the kernel of a node nobody will read in this walk go (see :meth:`interpret`)."""
         value = values.get(node)
         if isinstance(value, Lin) and not _spent(value):
-            values[node] = _release(value)
-            memo = self._memo.get(node)
-            if memo is not None and memo[1] is value:
-                self._memo[node] = (memo[0], values[node], *memo[2:])
+            self._replace(node, values, _release(value))
+
+    def _replace(self, node: fx.Node, values: dict[fx.Node, Value], new: Value) -> None:
+        """Give ``node`` the same value in another form (cast, released, recomputed), in this
+        walk and in the memo where the memo held the old form."""
+        old = values.get(node)
+        values[node] = new
+        memo = self._memo.get(node)
+        if memo is not None and memo[1] is old:
+            self._memo[node] = (memo[0], new, *memo[2:])
 
     def _revive(self, inputs: Sequence[fx.Node], values: dict[fx.Node, Value],
                 barriers: set[fx.Node]) -> list[fx.Node]:
@@ -254,9 +267,7 @@ class Folder:
                       if isinstance(values.get(i), Lin) and _spent(values[i])]
         todo.sort(key=_order)
         for n in todo:
-            memo = self._memo[n]
-            values[n] = self._fold_node(n, self.ops[n], values, barriers, {}, set())
-            self._memo[n] = (memo[0], values[n], *memo[2:])
+            self._replace(n, values, self._fold_node(n, self.ops[n], values, barriers, {}, set()))
         return todo
 
     def _bump(self, node: fx.Node) -> None:
@@ -297,7 +308,7 @@ class Folder:
         out = shape_of(node)
         if op.kind in ("conv", "linear"):
             weight = op.attrs["weight"]
-            w = weight if isinstance(weight, torch.Tensor) else _fetch_node(self.gm, weight)
+            w = tensor_of(self.gm, weight)
             if w is None:
                 return 0
             if op.kind == "linear":
@@ -553,7 +564,7 @@ class Folder:
         if op is None or op.kind != "conv":
             return None
         w = op.attrs["weight"]
-        w = w if isinstance(w, torch.Tensor) else _fetch_node(self.gm, w)
+        w = tensor_of(self.gm, w)
         if w is None or w.is_contiguous():
             return None
         for fmt in (torch.channels_last, torch.channels_last_3d):
@@ -585,7 +596,7 @@ class Folder:
                 continue
             for key in ("weight", "bias", "mean", "var"):
                 t = op.attrs.get(key)
-                t = t if isinstance(t, torch.Tensor) or t is None else _fetch_node(self.gm, t)
+                t = tensor_of(self.gm, t)
                 if isinstance(t, torch.Tensor) and key in ("weight", "bias"):
                     seen[id(t)] = t.numel()
                 elif isinstance(t, torch.Tensor) and op.kind == "batch_norm":
@@ -710,23 +721,9 @@ def _order(node: fx.Node) -> int:
     return node.meta.setdefault("_reparam_order", id(node))
 
 
-def _fetch(gm: nn.Module, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _fetch_node(gm: nn.Module, node) -> torch.Tensor | None:
-    if isinstance(node, fx.Node) and node.op == "get_attr":
-        value = _fetch(gm, str(node.target))
-        return value if isinstance(value, torch.Tensor) else None
-    return None
-
-
 def _has_attr(gm: nn.Module, path: str) -> bool:
     try:
-        _fetch(gm, path)
+        fetch(gm, path)
     except AttributeError:
         return False
     return True
