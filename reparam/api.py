@@ -1,4 +1,11 @@
-"""``reparam.fold`` and ``reparam.explain``: the public entry points."""
+"""``reparam.fold`` and ``reparam.explain``: the public entry points.
+
+A fold works on copies: the caller's model is traced as a light copy (a new module tree sharing
+the caller's tensors), run once under :func:`reparam.observe.observe`, folded, and verified
+against the eager original on the same inputs before it is returned. Nothing it does writes the
+caller's parameters or buffers; a model whose own forward would write them is folded from a deep
+copy instead.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +13,15 @@ import gc
 import operator
 import time
 from collections import Counter
-from collections.abc import Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import fx, nn
 
 from .errors import CheckError, ReparamError, TraceError
+from .observe import CallerTensorWritten, guarded, observe
 from .ops import describe
 from .report import Report
 from .rewrite import fold_graph
@@ -25,15 +34,17 @@ from .trace import (
     has_augmented_assignment,
     light_copy,
     own_tensors,
-    propagate_shapes,
     trace,
 )
 from .values import Rule
+from .verify import SCREEN, divergences, flat, relative_error, tolerance
 
 _BN = (nn.modules.batchnorm._BatchNorm,)
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
-def _validate(model: object, rules: object, max_cost: object, leaf_modules: object) -> None:
+def _validate(model: object, rules: object, max_cost: object, leaf_modules: object,
+              verify: object) -> None:
     if not isinstance(model, nn.Module):
         raise ReparamError(
             f"fold expects a torch.nn.Module, got {type(model).__name__}; pass the model object "
@@ -48,10 +59,23 @@ def _validate(model: object, rules: object, max_cost: object, leaf_modules: obje
     if isinstance(max_cost, bool) or not isinstance(max_cost, (int, float)) or not max_cost > 0:
         raise ReparamError("max_cost must be a positive number: the largest allowed ratio of "
                            "folded to original multiply-adds per region (1.0: never dearer)")
+    if not isinstance(verify, bool):
+        raise ReparamError("verify must be True (the default: compare the folded model with the "
+                           "original before returning it) or False")
     if not isinstance(leaf_modules, (list, tuple)) or not all(
         isinstance(p, str) for p in leaf_modules
     ):
         raise ReparamError("leaf_modules must be a list of submodule paths, e.g. ['stage2.attn']")
+    names = {name for name, _ in model.named_modules()}
+    missing = [p for p in leaf_modules if p not in names]
+    if missing:
+        last = missing[0].rsplit(".", 1)[-1]
+        near = sorted(n for n in names if n and n.rsplit(".", 1)[-1] == last)
+        hint = f" (did you mean {', '.join(near[:3])}?)" if near else ""
+        raise ReparamError(
+            f"leaf_modules names {', '.join(repr(p) for p in missing)}, which "
+            f"{'is' if len(missing) == 1 else 'are'} not a submodule of {type(model).__name__}"
+            f"{hint}; name submodules as model.named_modules() does, e.g. 'stage2.0.attn'")
     if any(nn.parameter.is_lazy(t) for t in list(model.parameters()) + list(model.buffers())):
         raise ReparamError("the model has lazy modules that were never run: run one forward pass "
                            "to initialize them, then fold")
@@ -69,6 +93,17 @@ def _validate(model: object, rules: object, max_cost: object, leaf_modules: obje
                 "the model has parameters on the meta device (no values): load real weights "
                 "(e.g. model.to_empty(device='cpu') and load_state_dict) before folding"
             )
+    if _global_hooks():
+        raise ReparamError(
+            "global module hooks are registered (torch.nn.modules.module."
+            "register_module_forward_hook / _pre_hook): they run on every module call, so any "
+            "fold would change what they see and return. Remove them before folding (the "
+            "handle's .remove()), then register them on the folded model")
+
+
+def _global_hooks() -> bool:
+    module = nn.modules.module
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
 
 
 def count_ops(gm: fx.GraphModule) -> dict[str, int]:
@@ -79,7 +114,10 @@ def count_ops(gm: fx.GraphModule) -> dict[str, int]:
     for node in gm.graph.nodes:
         if node.op == "placeholder" or any(i in data for i in node.all_input_nodes):
             data.add(node)
-            op = describe(node, modules)
+            try:
+                op = describe(node, modules)
+            except Exception:  # noqa: BLE001 - arguments computed at run time: not an op we read
+                op = None
             if op is not None and op.kind != "identity":  # identities compute nothing
                 counts[op.kind] += 1
     return dict(counts)
@@ -94,7 +132,11 @@ def count_macs(model: nn.Module, example_inputs) -> int:
         gm = model
     else:
         gm, _ = trace(lambda: light_copy(model))
-    propagate_shapes(gm, inputs)
+    try:
+        observe(gm, inputs, protect=model)
+    except CallerTensorWritten:
+        gm, _ = trace(lambda: deep_copy(model))
+        observe(gm, inputs)
     folder = Folder(gm, ())
     return sum(folder.op_cost(n) for n in gm.graph.nodes)
 
@@ -104,20 +146,27 @@ def _params(module: nn.Module) -> int:
 
 
 def fold(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] = ALL,
-         check: bool = False, max_cost: float = 1.0, leaf_modules: Sequence[str] = ()
-         ) -> nn.Module:
+         verify: bool = True, check: bool = False, max_cost: float = 1.0,
+         leaf_modules: Sequence[str] = ()) -> nn.Module:
     """Fold every exactly-mergeable linear region of ``model`` into one conv or linear layer.
 
-    Returns a new :class:`torch.fx.GraphModule` (the input is never modified) with the report of
-    what was folded as ``.reparam_report``. ``example_inputs`` fixes the input shape (guessed from
-    the first layer when omitted); ``rules`` is a rule set (default :data:`reparam.rules.ALL`);
-    ``max_cost`` the largest allowed ratio of folded to original multiply-adds per region;
-    ``check=True`` compares the folded and original models in float64 on random inputs and raises
-    :class:`~reparam.errors.CheckError` naming the first region that diverges.
+    Returns a new module (a :class:`torch.fx.GraphModule` when the model traces; the input is
+    never modified) with the report of what was folded as ``.reparam_report``.
+
+    ``example_inputs`` fixes the input shape (guessed when omitted: a timm model's pretrained
+    size, else from the first layer); ``rules`` is a rule set (default
+    :data:`reparam.rules.ALL`); ``max_cost`` the largest allowed ratio of folded to original
+    multiply-adds per region. ``verify`` (on by default) runs the folded model on those inputs
+    and compares it with the original at a tolerance fitted to the dtype before returning it: a
+    region that does not match is kept unfolded, with the reason; a mismatch that cannot be
+    located raises :class:`~reparam.errors.CheckError`. ``check=True`` also folds a float64 copy
+    and compares it with the float64 original on random inputs. Raises
+    :class:`~reparam.errors.TraceError` when no part of the model could be captured.
     """
-    _validate(model, rules, max_cost, leaf_modules)
-    with _one_thread(), _no_cyclic_gc():
-        return _fold(model, example_inputs, tuple(rules), check, max_cost, tuple(leaf_modules))
+    _validate(model, rules, max_cost, leaf_modules, verify)
+    with _one_thread(), _no_cyclic_gc(), _clear_errors(model):
+        return _fold(model, example_inputs, tuple(rules), check, verify, max_cost,
+                     tuple(leaf_modules))
 
 
 @contextmanager
@@ -146,21 +195,97 @@ def _no_cyclic_gc():
             gc.enable()
 
 
-def _fold(model: nn.Module, example_inputs, rules: tuple, check: bool, max_cost: float,
-          leaf_modules: tuple[str, ...]) -> nn.Module:
+@contextmanager
+def _clear_errors(model: nn.Module) -> Iterator[None]:
+    """No raw Python or torch error leaves ``fold``: what is not already a ReparamError is a bug
+    in reparam (the model's own failures are reported where they happen) and says so."""
+    try:
+        yield
+    except ReparamError:
+        raise
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ReparamError(
+            f"reparam failed while folding {type(model).__name__} ({type(e).__name__}: "
+            f"{first[:300]}). This is a bug in reparam: please report it with the model. The "
+            "model itself was not changed; fold(..., leaf_modules=[...]) can skip the part "
+            "that fails") from e
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every part of one fold shares: its options, and the model whose tensors are the
+    caller's (``protect``: never written; ``None`` when folding a private deep copy)."""
+
+    rules: tuple[Rule, ...]
+    max_cost: float
+    leaves: tuple[str, ...]
+    verify: bool
+    protect: nn.Module | None
+    keep: dict[str, str] = field(default_factory=dict)  # qualified node name -> why kept
+    # folding a private copy of a model whose forward writes its own tensors: (the copy's
+    # tensors, the caller's), copied back before every run so that each starts where the
+    # caller's model is now
+    state: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+
+    def sub(self, path: str) -> Job:
+        """The job for the submodule at ``path``: its part of ``keep``, no leaf paths."""
+        dot = f"{path}."
+        keep = {k[len(dot):]: v for k, v in self.keep.items() if k.startswith(dot)}
+        return replace(self, leaves=(), keep=keep)
+
+    def guard(self):
+        """Enter before running model code: the caller's tensors are guarded, a private copy's
+        state is reset to the caller's."""
+        if self.state is not None:
+            with torch.no_grad():
+                for mine, theirs in zip(*self.state, strict=True):
+                    mine.copy_(theirs)
+        return guarded(self.protect) if self.protect is not None else nullcontext()
+
+
+@dataclass
+class Folded:
+    """One part's fold: the module, its report, the inputs it ran on, the eager reference
+    output on them (``None`` when not verified) and, on request, each region's original ops."""
+
+    module: nn.Module
+    report: Report
+    inputs: tuple | None
+    reference: object = None  # the eager original's output on ``used``
+    captured: dict | None = None
+    used: tuple | None = None  # the inputs the reference was computed on
+
+
+def _fold(model: nn.Module, example_inputs, rules: tuple, check: bool, verify: bool,
+          max_cost: float, leaf_modules: tuple[str, ...]) -> nn.Module:
     inputs = as_inputs(example_inputs)
     start = time.perf_counter()
-    folded, report, inputs = _fold_module(model, inputs, rules, max_cost, tuple(leaf_modules))
+    job = Job(rules, max_cost, leaf_modules, verify, protect=model)
+    try:
+        done = _fold_verified(model, inputs, job)
+    except CallerTensorWritten:  # forward writes its own parameters or buffers: use a copy
+        source = deep_copy(model)
+        state = (_tensors(source), _tensors(model))
+        job = replace(job, protect=None, state=state)
+        done = _fold_verified(source, inputs, job)
+        job.guard()  # the folded model starts from the caller's state
+        done.report.notes.append(f"{type(model).__name__}'s forward writes its own parameters "
+                                 "or buffers: they are state, and the fold worked on a copy")
+    folded, report = done.module, done.report
     own_tensors(folded, model)
-    if isinstance(folded, fx.GraphModule):
-        for name in ("_forward_hooks", "_forward_pre_hooks"):  # the root's hooks still apply
-            getattr(folded, name).update(getattr(model, name))
+    if not report.regions and any(path == "" for path, _ in report.untraced):
+        why = next(why for path, why in report.untraced if path == "")
+        raise TraceError(f"nothing in {type(model).__name__} was folded: {why}")
     report.params_before, report.params_after = _params(model), _params(folded)
-    report.input_shapes = [tuple(t.shape) for t in inputs or () if isinstance(t, torch.Tensor)]
+    report.input_shapes = [tuple(t.shape) for t in done.inputs or ()
+                           if isinstance(t, torch.Tensor)]
     report.fold_seconds = time.perf_counter() - start
     folded.reparam_report = report
     if check:
-        _check(model, inputs, rules, max_cost, tuple(leaf_modules), report)
+        _check(model, done.inputs, job, report)
     return folded
 
 
@@ -177,9 +302,13 @@ def explain(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] = AL
     inputs = as_inputs(example_inputs)
     if inputs is None:  # measured on random inputs of the shapes fold guessed
         inputs = tuple(torch.randn(s, dtype=_dtype(model)) for s in report.input_shapes)
-    with _one_thread():
+    with _one_thread(), _clear_errors(model):
         report.max_error = max_error(model, folded, inputs)
     return report
+
+
+def _tensors(model: nn.Module) -> list[torch.Tensor]:
+    return [*model.parameters(), *model.buffers()]
 
 
 def _dtype(model: nn.Module) -> torch.dtype:
@@ -187,102 +316,297 @@ def _dtype(model: nn.Module) -> torch.dtype:
     return p.dtype if p is not None else torch.float32
 
 
-def _fold_module(model: nn.Module, inputs: tuple | None, rules, max_cost: float,
-                 leaves: tuple[str, ...]) -> tuple[nn.Module, Report, tuple]:
+def _devices(model: nn.Module) -> list[int]:
+    return sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
+
+
+def _seeded(model: nn.Module, run: Callable[[], object]) -> object:
+    """``run()`` with torch's random generators seeded and then restored: the original and the
+    folded model draw the same random numbers, so their outputs can be compared."""
+    with torch.random.fork_rng(devices=_devices(model)):
+        torch.manual_seed(0)
+        return run()
+
+
+_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+          "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+
+
+def _keep_hooks(folded: nn.Module, model: nn.Module) -> None:
+    """The module's own hooks, which torch.fx does not trace (it traces ``forward``), still apply
+    to its folded form."""
+    if folded is not model:
+        for name in _HOOKS:
+            if hasattr(model, name):
+                getattr(folded, name).update(getattr(model, name))
+
+
+def _eager(model: nn.Module, inputs: tuple, job: Job):
+    """The model's own output on (copies of) ``inputs``: the reference a fold must match. Its
+    ``forward``, as torch.fx traces it: its own hooks run the same on the folded form."""
+    def run():
+        with job.guard(), torch.no_grad():
+            return light_copy(model).forward(*clone_inputs(inputs))
+
     try:
-        gm, untraced = trace(lambda: light_copy(model), leaves)
+        return _seeded(model, run)
+    except CallerTensorWritten:
+        raise
+    except Exception as e:  # noqa: BLE001 - the model's own code
+        raise ReparamError(
+            f"{type(model).__name__} raised {type(e).__name__} on the example inputs "
+            f"({str(e).strip().splitlines()[0] if str(e).strip() else ''}); pass example_inputs "
+            "that the model accepts") from e
+
+
+def _run(module: nn.Module, inputs: tuple, job: Job):
+    """A folded module's ``forward`` on (copies of) ``inputs``, or the exception it raised."""
+    def run():
+        with job.guard(), torch.no_grad():
+            return module.forward(*clone_inputs(inputs))
+
+    try:
+        return _seeded(module, run)
+    except CallerTensorWritten:
+        raise
+    except Exception as e:  # noqa: BLE001 - a fold that does not run is a failed verification
+        return e
+
+
+def _fold_verified(model: nn.Module, inputs: tuple | None, job: Job) -> Folded:
+    """Fold ``model`` and verify the result against the eager original; regions that diverge
+    are kept unfolded and the model folded again, until it matches (see :mod:`reparam.verify`).
+    """
+    keep = dict(job.keep)
+    capture = False
+    for _ in range(6):
+        done = _fold_module(model, inputs, replace(job, keep=keep), capture)
+        if not job.verify or done.reference is None:
+            return done
+        got = _run(done.module, done.used, job)
+        dtype = _dtype(model)
+        err = float("inf") if isinstance(got, Exception) else relative_error(got, done.reference)
+        if err <= tolerance(SCREEN, dtype):
+            done.report.verified_error = err
+            return done
+        if not capture:  # fold again, keeping each region's original ops to check it alone
+            capture = True
+            continue
+        bad = divergences(done.captured or {}, dtype)
+        if bad:
+            keep.update({d.output: d.reason() for d in bad})
+            continue
+        if not isinstance(got, Exception) and _ill_conditioned(model, done, got, job, dtype):
+            done.report.verified_error = err
+            return done
+        what = (f"raises {type(got).__name__}: {got}" if isinstance(got, Exception)
+                else f"differs from the original by {err:.3g} (relative)")
+        raise CheckError(
+            f"the folded {type(model).__name__} {what}, and no single region is to blame. This "
+            "is a bug in reparam: please report it with the model; fold(..., verify=False) "
+            "returns the unverified fold, and the unfolded model is correct meanwhile")
+    raise CheckError(f"the folded {type(model).__name__} kept diverging after several regions "
+                     "were kept unfolded; please report this bug with the model")
+
+
+def _ill_conditioned(model: nn.Module, done: Folded, got, job: Job, dtype: torch.dtype) -> bool:
+    """Every region is exact alone, yet the outputs differ beyond the dtype's tolerance: accept
+    when the same fold made in float64 matches the float64 original (the difference is rounding,
+    amplified by the model), or moves no more than a float64 run does under a rounding-sized
+    change of its input (a chaotic model)."""
+    m64 = deep_copy(model).to(torch.float64)
+    x64 = tuple(t.to(torch.float64) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                else t for t in done.used)
+    job64 = replace(job, protect=None, verify=False)
+    want = _run(m64, x64, job64)
+    if isinstance(want, Exception):
+        return False
+    try:
+        folded64 = _fold_module(m64, x64, job64).module
+    except ReparamError:
+        return False
+    e64 = relative_error(_run(folded64, x64, job64), want)
+    nudged = tuple(t * (1 + 1e-12) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                   else t for t in x64)
+    moved = _run(m64, nudged, job64)
+    e_chaos = 0.0 if isinstance(moved, Exception) else relative_error(moved, want)
+    if not e64 <= max(tolerance(SCREEN, torch.float64), 1e4 * e_chaos):
+        return False
+    e_fold, e_orig = relative_error(got, want), relative_error(done.reference, want)
+    done.report.notes.append(
+        f"verification: in {str(dtype).removeprefix('torch.')} the folded model is "
+        f"{e_fold:.2g} from a float64 run of the original, the unfolded model {e_orig:.2g}; the "
+        f"same fold in float64 is exact to {e64:.1g}: rounding, amplified by the model")
+    return True
+
+
+def _fold_module(model: nn.Module, inputs: tuple | None, job: Job, capture: bool = False
+                 ) -> Folded:
+    try:
+        gm, untraced = trace(lambda: light_copy(model), job.leaves)
     except TraceError as e:
-        return _fold_children(model, inputs, rules, max_cost, str(e))
+        return _fold_children(model, inputs, job, str(e))
     if inputs is None:
         inputs = guess_inputs(model, gm)
-    captured = _capture_leaf_inputs(gm, [p for p, _ in untraced])
-    used, traced_out = propagate_shapes(gm, inputs)
-    _check_trace_fidelity(model, gm, used, traced_out)
+    hooks, captured_inputs = _capture_leaf_inputs(gm, [p for p, _ in untraced])
+    job.guard()  # reset a private copy's state before the run
+    try:
+        obs = _seeded(model, lambda: observe(gm, inputs, job.protect))
+    finally:
+        for h in hooks:
+            h.remove()
+    reference = None
+    if job.verify:
+        reference = _eager(model, obs.inputs, job)
+        if relative_error(obs.output, reference) > tolerance(SCREEN, _dtype(model)):
+            return _fold_children(model, inputs, job, _UNFAITHFUL.format(type(model).__name__))
+    elif _suspicious(model, gm) and relative_error(
+            obs.output, _eager(model, obs.inputs, job)) > 1e-5:
+        return _fold_children(model, inputs, job, _UNFAITHFUL.format(type(model).__name__))
     ops_before = count_ops(gm)
-    report = fold_graph(gm, rules, max_cost)
+    regions: dict | None = {} if capture else None
+    report = fold_graph(gm, job.rules, job.max_cost, obs, job.keep, regions)
     report.ops_before, report.ops_after = ops_before, count_ops(gm)
     report.untraced = list(untraced)
     for path, _ in untraced:
-        _fold_inside(gm, path, captured.get(path), rules, max_cost, report)
-    return gm, report, inputs
+        _fold_inside(gm, path, captured_inputs.get(path), job, report)
+    _keep_hooks(gm, model)
+    return Folded(gm, report, inputs, reference, regions, obs.inputs)
 
 
+_UNFAITHFUL = ("torch.fx traced {} differently from eager mode (an in-place `+=` on a tensor, "
+               "torch.autocast, random numbers drawn with no tensor argument, which tracing "
+               "bakes in, or Python state in forward): its submodules are folded one by one "
+               "instead; write `x = x + y`, `torch.rand_like(t)` to let it fold whole")
 _ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.truediv, operator.matmul,
                torch.add, torch.sub, torch.mul, torch.div}
 
 
-def _check_trace_fidelity(model: nn.Module, gm: fx.GraphModule, inputs: tuple,
-                          traced_out) -> None:
-    """torch.fx records ``t += 1`` on a tensor as an out-of-place add: wrong where another name
-    still refers to the old tensor. Where a forward has an augmented assignment or the graph a
-    dead arithmetic node, run the eager model on the same input and compare."""
-    suspicious = has_augmented_assignment(model) or any(
+def _suspicious(model: nn.Module, gm: fx.GraphModule) -> bool:
+    """Without verification, the trace is compared with eager mode only where torch.fx is known
+    to go wrong: an augmented assignment (``x += y``) or dead arithmetic in the graph."""
+    return has_augmented_assignment(model) or any(
         n.op == "call_function" and n.target in _ARITHMETIC and not n.users
         for n in gm.graph.nodes)
-    if not suspicious:
-        return
-    with torch.no_grad():
-        eager = light_copy(model)(*clone_inputs(inputs))
-    if relative_error(traced_out, eager) > 1e-5:
-        raise ReparamError(
-            f"torch.fx traced {type(model).__name__} differently from eager mode (an in-place "
-            "`+=` on a tensor, or Python state in forward): write `x = x + y` instead, or fold "
-            "its submodules one by one"
-        )
 
 
-def _fold_children(model: nn.Module, inputs, rules, max_cost: float, why: str):
-    """The root does not trace: fold each child that does (recursively) and keep the root."""
+def _fold_children(model: nn.Module, inputs, job: Job, why: str) -> Folded:
+    """The root does not trace (or not faithfully): fold each child that does (recursively),
+    keep the root, and verify the root with its folded children; a child whose folded form
+    breaks the root or changes its output is put back."""
     root = light_copy(model)
     report = Report(untraced=[("", why)])
-    captured = _capture_child_inputs(root, inputs)
+    captured = _capture_child_inputs(root, inputs, job)
+    swaps: list[tuple[str, nn.Module, nn.Module]] = []
     for name, child in list(root.named_children()):
-        args = captured.get(name)  # None: not reached by the example input; guessed instead
         if not _parameterized(child):
             continue
-        folded = _fold_child(child, args, rules, max_cost, report, name)
+        folded = _fold_child(child, captured.get(name), job.sub(name), report, name)
         if folded is not None:
+            swaps.append((name, child, folded))
             setattr(root, name, folded)
-    return root, report, inputs
+    reference = None
+    if job.verify and inputs is not None and swaps:
+        reference = _eager(model, inputs, job)
+        _put_back_breaking(root, swaps, inputs, reference, job, report, _dtype(model))
+    return Folded(root, report, inputs, None)  # root is a copy: it has the model's hooks
 
 
-def _fold_child(child: nn.Module, args, rules, max_cost: float, report: Report,
-                path: str) -> nn.Module | None:
+def _put_back_breaking(root: nn.Module, swaps, inputs, reference, job: Job, report: Report,
+                       dtype: torch.dtype) -> None:
+    """Put back the original child wherever the folded one makes the root fail or differ; a
+    container put back that way (an ``nn.Sequential`` the root iterates or indexes) is then
+    folded item by item, so that it stays what it was."""
+    def ok() -> bool:
+        got = _run(root, inputs, job)
+        return not isinstance(got, Exception) and relative_error(got, reference) <= tolerance(
+            SCREEN, dtype)
+
+    if ok():
+        return
+    for name, child, _ in swaps:
+        setattr(root, name, child)
+        report.regions = [r for r in report.regions if not r.name.startswith(f"{name}.")]
+        if isinstance(child, nn.Sequential):
+            items = dict(child.named_children())
+            captured = _capture_inputs(root, inputs, items, job)
+            done = _fold_items(child, captured, job.sub(name), report, name)
+            if not ok():
+                for key, item in done:
+                    child._modules[key] = item
+                report.regions = [r for r in report.regions if not r.name.startswith(f"{name}.")]
+        else:
+            report.untraced.append((name, "its folded form changed what its parent computes "
+                                          "(the parent may read its attributes): kept as it was"))
+        if ok():
+            return
+    for name, child, _ in swaps:  # pragma: no cover - every child put back: the root alone
+        setattr(root, name, child)
+
+
+def _fold_child(child: nn.Module, args, job: Job, report: Report, path: str
+                ) -> nn.Module | None:
     """Fold one child of an untraceable module, keeping the plain attributes its parent may read
-    (``self.attn.resolution``); ``None`` when it cannot be folded or folding changed it."""
+    (``self.attn.resolution``, Ultralytics' ``f`` and ``i``); ``None`` when it cannot be folded.
+    A container its parent may iterate or index (``nn.Sequential``, ``nn.ModuleList``) is folded
+    item by item, so it stays what it was."""
+    if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+        _fold_items(child, {}, job, report, path)  # the parent calls its items: see _fold_inside
+        return None
     try:
-        folded, sub, args = _fold_module(child, args, rules, max_cost, ())
+        done = _fold_verified(child, args, job)
+    except CallerTensorWritten:
+        raise
     except ReparamError as e:
         report.untraced.append((path, str(e).splitlines()[0][:200]))
         return None
+    folded = done.module
     for key, value in vars(child).items():
         if not key.startswith("_") and not hasattr(folded, key):
             setattr(folded, key, value)
-    try:
-        with torch.no_grad():
-            same = relative_error(folded(*clone_inputs(args)), child(*clone_inputs(args))) < 1e-4
-    except Exception:  # noqa: BLE001 - a child that does not run alone: keep the original
-        same = False
-    if not same:
-        report.untraced.append((path, "folded alone it did not reproduce its output: kept"))
+    if folded is child:
+        report.merge(done.report, path)
         return None
-    report.merge(sub, path)
+    report.merge(done.report, path)
     return folded
+
+
+def _fold_items(container: nn.Module, captured: dict[str, tuple], job: Job, report: Report,
+                path: str) -> list[tuple[str, nn.Module]]:
+    """Fold each item of a container in place (the container stays, so its parent can iterate
+    or index it); returns ``(key, original item)`` of each item replaced."""
+    done = []
+    for name, item in list(container.named_children()):
+        if not _parameterized(item):
+            continue
+        folded = _fold_child(item, captured.get(name), job.sub(name), report, f"{path}.{name}")
+        if folded is not None:
+            done.append((name, item))
+            container._modules[name] = folded
+    return done
 
 
 def _parameterized(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
 
-def _capture_child_inputs(root: nn.Module, inputs) -> dict[str, tuple]:
+def _capture_child_inputs(root: nn.Module, inputs, job: Job) -> dict[str, tuple]:
+    return _capture_inputs(root, inputs, dict(root.named_children()), job)
+
+
+def _capture_inputs(root: nn.Module, inputs, modules: dict[str, nn.Module], job: Job
+                    ) -> dict[str, tuple]:
+    """What each of ``modules`` receives (its first call) when ``root`` runs on ``inputs``."""
     if inputs is None:
         return {}
     captured: dict[str, tuple] = {}
-    hooks = [child.register_forward_pre_hook(_recorder(captured, name))
-             for name, child in root.named_children()]
+    hooks = [m.register_forward_pre_hook(_recorder(captured, name))
+             for name, m in modules.items()]
     try:
-        with torch.no_grad():
-            root(*inputs)
+        with job.guard(), torch.no_grad():
+            root(*clone_inputs(inputs))
+    except CallerTensorWritten:
+        raise
     except Exception:  # noqa: BLE001 - whatever ran before the failure is still useful
         pass
     finally:
@@ -299,9 +623,12 @@ def _recorder(store: dict, name: str):
     return hook
 
 
-def _capture_leaf_inputs(gm: fx.GraphModule, paths: list[str]) -> dict[str, dict[str, tuple]]:
-    """Set up hooks that record, during shape propagation, what each leaf's children receive."""
+def _capture_leaf_inputs(gm: fx.GraphModule, paths: list[str]
+                         ) -> tuple[list, dict[str, dict[str, tuple]]]:
+    """Hooks that record, during the observed run, what each leaf's children receive; returns
+    their handles (to remove after the run) and the store they fill."""
     store: dict[str, dict[str, tuple]] = {}
+    handles = []
     for path in paths:
         try:
             leaf = gm.get_submodule(path)
@@ -309,33 +636,22 @@ def _capture_leaf_inputs(gm: fx.GraphModule, paths: list[str]) -> dict[str, dict
             continue
         store[path] = {}
         for name, child in leaf.named_children():
-            child.register_forward_pre_hook(_leaf_recorder(store[path], name))
-    return store
+            handles.append(child.register_forward_pre_hook(_recorder(store[path], name)))
+    return handles, store
 
 
-def _leaf_recorder(store: dict, name: str):
-    def hook(module, args):
-        if name in store or not all(isinstance(a, torch.Tensor) for a in args):
-            return
-        store[name] = tuple(a.detach().clone() for a in args)
-
-    return hook
-
-
-def _fold_inside(gm: fx.GraphModule, path: str, captured: dict[str, tuple] | None, rules,
-                 max_cost: float, report: Report) -> None:
+def _fold_inside(gm: fx.GraphModule, path: str, captured: dict[str, tuple] | None, job: Job,
+                 report: Report) -> None:
     """Fold the children of an untraceable leaf module, one by one."""
     try:
         leaf = gm.get_submodule(path)
     except AttributeError:  # folded away as a whole
         return
-    for module in leaf.modules():
-        module._forward_pre_hooks.clear()
     for name, child in list(leaf.named_children()):
         args = (captured or {}).get(name)  # None: not reached by the example input
         if not _parameterized(child):
             continue
-        folded = _fold_child(child, args, rules, max_cost, report, f"{path}.{name}")
+        folded = _fold_child(child, args, job.sub(f"{path}.{name}"), report, f"{path}.{name}")
         if folded is not None:
             setattr(leaf, name, folded)
 
@@ -348,26 +664,6 @@ def _run64(module: nn.Module, inputs: tuple):
         return m(*args)
 
 
-def _flat(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _flat(o)]
-    return []
-
-
-def relative_error(got, want) -> float:
-    """``max |got - want| / max |want|`` over all output tensors, computed in float64."""
-    worst = 0.0
-    for g, w in zip(_flat(got), _flat(want), strict=True):
-        g, w = g.double(), w.double()
-        scale = w.abs().max().item() or 1.0
-        worst = max(worst, (g - w).abs().max().item() / scale)
-    return worst
-
-
 def max_error(original: nn.Module, folded: nn.Module, inputs: tuple) -> float:
     """The folded model (its own dtype) against the original run in float64."""
     want = _run64(original, clone_inputs(inputs))
@@ -376,8 +672,7 @@ def max_error(original: nn.Module, folded: nn.Module, inputs: tuple) -> float:
     return relative_error(got, want)
 
 
-def _check(model: nn.Module, inputs: tuple, rules, max_cost: float, leaves: tuple[str, ...],
-           report: Report, tol: float = 1e-9) -> None:
+def _check(model: nn.Module, inputs: tuple, job: Job, report: Report, tol: float = 1e-9) -> None:
     """Fold a float64 copy the same way and compare it with the float64 original on random
     inputs; on a mismatch name the first region that diverges. (Float64 on both sides, so the
     comparison measures the fold, not float32 rounding.)"""
@@ -385,12 +680,16 @@ def _check(model: nn.Module, inputs: tuple, rules, max_cost: float, leaves: tupl
     inputs = tuple(torch.randn_like(t, dtype=torch.float64)
                    if isinstance(t, torch.Tensor) and t.is_floating_point() else t
                    for t in inputs)
-    folded, sub, _ = _fold_module(original, inputs, rules, max_cost, leaves)
+    job64 = replace(job, verify=False, protect=None)
+    done = _fold_module(original, inputs, job64, capture=True)
+    folded, sub = done.module, done.report
     with torch.no_grad():
         err = relative_error(folded(*clone_inputs(inputs)), original(*clone_inputs(inputs)))
     if err <= tol:
         return
-    culprit = _first_bad_region(original, folded, inputs, sub, tol)
+    bad = divergences(done.captured or {}, torch.float64)
+    names = {r.output: r.name for r in sub.regions}
+    culprit = names.get(bad[0].output, bad[0].output) if bad else None
     where = f"; the first region that diverges is '{culprit}'" if culprit else ""
     raise CheckError(
         f"the folded model differs from the original by {err:.3g} (relative, float64){where}. "
@@ -399,34 +698,4 @@ def _check(model: nn.Module, inputs: tuple, rules, max_cost: float, leaves: tupl
     )
 
 
-class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, names: set[str]) -> None:
-        super().__init__(gm)
-        self.names, self.seen = names, {}
-
-    def run_node(self, n: fx.Node):
-        out = super().run_node(n)
-        if n.name in self.names:
-            self.seen[n.name] = out
-        return out
-
-
-def _first_bad_region(original: nn.Module, folded: nn.Module, inputs: tuple, report: Report,
-                      tol: float) -> str | None:
-    """Run the traced original and the folded graph side by side; compare each region's output."""
-    if not isinstance(folded, fx.GraphModule):
-        return None
-    try:
-        before, _ = trace(lambda: light_copy(original), [p for p, _ in report.untraced])
-    except ReparamError:
-        return None
-    want = _Recorder(before, {r.output for r in report.regions})
-    got = _Recorder(folded, {r.node for r in report.regions})
-    with torch.no_grad():
-        want.run(*clone_inputs(inputs))
-        got.run(*clone_inputs(inputs))
-    for r in report.regions:
-        a, b = got.seen.get(r.node), want.seen.get(r.output)
-        if a is not None and b is not None and relative_error(a, b) > tol:
-            return r.name
-    return None
+__all__ = ["count_macs", "count_ops", "explain", "flat", "fold", "max_error", "relative_error"]

@@ -25,6 +25,10 @@ def _is_uniform(k: K.Kernel) -> bool:
             and bool(torch.all(k.bias == k.bias.reshape(-1)[0])))
 
 
+def _position(node: fx.Node) -> int:
+    return node.meta.get("_reparam_order", 0)
+
+
 class Context:
     """Operands of one node, resolved against the current values of the graph.
 
@@ -33,7 +37,7 @@ class Context:
     """
 
     def __init__(self, node: fx.Node, op: Op, values: Mapping[fx.Node, Value],
-                 barriers: set[fx.Node], mutated: set[fx.Node], enabled: set[str],
+                 barriers: set[fx.Node], mutated: Mapping[fx.Node, fx.Node], enabled: set[str],
                  cut: bool = False, device: torch.device | None = None) -> None:
         self.node, self.op = node, op
         self._values, self._barriers, self._mutated = values, barriers, mutated
@@ -74,6 +78,10 @@ class Context:
             return None
         if not isinstance(value, Tensor):
             raise NoFold(f"expected a tensor parameter, found {type(value).__name__}")
+        if value.is_complex():
+            raise NoFold("complex parameters are not folded (the kernel algebra is real)")
+        if not value.is_floating_point():
+            raise NoFold(f"a {value.dtype} parameter is not a real-valued weight")
         return value.detach().to(torch.float64)
 
     def shape(self, arg: Any) -> torch.Size | None:
@@ -98,8 +106,13 @@ class Context:
             return value
         if not isinstance(arg, fx.Node) or isinstance(value, Const):
             raise NoFold(f"operand '{arg}' is a constant, not a tensor computed from the input")
-        if arg in self._mutated:
-            raise NoFold(f"'{arg}' is modified in place later, so it cannot be read out of order")
+        writer = self._mutated.get(arg)
+        if writer is not None and _position(writer) < _position(self.node):
+            raise NoFold(f"'{arg}' is modified in place by '{writer}' before this op reads it, so "
+                         "a folded module could not read it where the region starts")
+        dtype = dtype_of(arg)
+        if dtype is not None and not dtype.is_floating_point:
+            raise NoFold(f"'{arg}' is a {dtype} tensor: only real floating-point tensors fold")
         shape = shape_of(arg)
         if shape is None:
             raise NoFold(f"the shape of '{arg}' is unknown (pass example_inputs to fold)")

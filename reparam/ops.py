@@ -31,11 +31,16 @@ class Op:
 
 
 def _tuple(value: Any, nd: int) -> Any:
+    """A geometry argument (stride, padding, kernel size...) per axis; a ``TypeError`` when it is
+    not a static int (a size computed at run time: the op is then not read as linear)."""
     if isinstance(value, str):
         return value
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         return (value,) * nd
-    return tuple(value)
+    out = tuple(value)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in out):
+        raise TypeError(f"geometry {value!r} is not static")
+    return out
 
 
 # --- modules ---------------------------------------------------------------------------------
@@ -63,6 +68,11 @@ def _has_hooks(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
+def _forward_replaced(m: nn.Module) -> bool:
+    """``m.forward`` set on the instance (accelerate-style hooks): it computes something else."""
+    return "forward" in vars(m)
+
+
 def why_kept(node: fx.Node, modules: Mapping[str, nn.Module]) -> str | None:
     """Why a module reparam would otherwise fold is kept as it is (``None`` if it is not)."""
     if node.op != "call_module":
@@ -72,13 +82,16 @@ def why_kept(node: fx.Node, modules: Mapping[str, nn.Module]) -> str | None:
         return None
     if _has_hooks(m):
         return f"{type(m).__name__} has a forward hook, which may change what it computes"
+    if _forward_replaced(m):
+        return (f"{type(m).__name__}'s forward is replaced on the instance, so it may compute "
+                "something else than its class says")
     if isinstance(m, _IDENTITY_MODULES) and m.training and not isinstance(m, nn.Identity):
         return f"{type(m).__name__} is in training mode (call model.eval() to fold through it)"
     return None
 
 
 def _module_op(node: fx.Node, m: nn.Module) -> Op | None:
-    if _has_hooks(m):
+    if _has_hooks(m) or _forward_replaced(m):
         return None  # a hook may change what the module computes: keep it as it is
     x = node.args[0] if node.args else node.kwargs.get("input")
     owner = str(node.target)
@@ -251,7 +264,15 @@ _VARARG_SHAPE = ("reshape", "view")
 
 
 def describe(node: fx.Node, modules: Mapping[str, nn.Module]) -> Op | None:
-    """The linear op ``node`` performs, or ``None`` when it is not one reparam knows."""
+    """The linear op ``node`` performs, or ``None`` when it is not one reparam knows (or its
+    arguments cannot be read: a pooling size computed at run time, ``kernel_size=x.size(3)``)."""
+    try:
+        return _describe(node, modules)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError):
+        return None
+
+
+def _describe(node: fx.Node, modules: Mapping[str, nn.Module]) -> Op | None:
     if node.op == "call_module":
         module = modules.get(str(node.target))
         return None if module is None else _module_op(node, module)

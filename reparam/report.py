@@ -19,6 +19,7 @@ class Region:
     macs_after: int
     output: str = ""  # the original node this region's value replaces
     node: str = ""  # the new node in the folded graph
+    source: str = ""  # the original node the region reads
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class Report:
     max_error: float | None = None
     fold_seconds: float = 0.0
     input_shapes: list[tuple[int, ...]] = field(default_factory=list)  # what fold ran on
+    verified_error: float | None = None  # folded vs original on the example inputs (verify)
+    notes: list[str] = field(default_factory=list)  # what else a user should know
 
     @property
     def complete(self) -> bool:
@@ -58,6 +61,7 @@ class Report:
                                         replaced=tuple(dot + n for n in r.replaced)))
         self.leftovers += [Leftover(dot + x.node, x.op, x.reason) for x in other.leftovers]
         self.untraced += [(dot + p, why) for p, why in other.untraced]
+        self.notes += [f"{prefix}: {n}" if prefix else n for n in other.notes]
 
     def __str__(self) -> str:
         lines = [f"reparam: {len(self.regions)} regions folded, "
@@ -69,6 +73,9 @@ class Report:
                 f"{k} {self.ops_before.get(k, 0)} -> {self.ops_after.get(k, 0)}" for k in keys))
         if self.max_error is not None:
             lines.append(f"max error |folded - original| / max|original|: {self.max_error:.2e}")
+        if self.verified_error is not None:
+            lines.append(f"verified: the folded model matches the original on the example "
+                         f"inputs (relative error {self.verified_error:.1e})")
         if self.regions:
             lines.append("")
             lines.append(f"{'module':<40} {'folded':<28} {'nodes':>5} {'params':>19} "
@@ -85,5 +92,8 @@ class Report:
         if self.untraced:
             lines.append("")
             lines.append("not traced (folded inside where possible):")
-            lines += [f"  {path}: {why}" for path, why in self.untraced]
+            lines += [f"  {path or '(the model)'}: {why}" for path, why in self.untraced]
+        if self.notes:
+            lines.append("")
+            lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)

@@ -24,13 +24,12 @@ from torch import fx, nn
 from .commute import push_affine
 from .context import Context, _is_identity
 from .materialize import to_module
+from .observe import Observation
 from .ops import (
     Op,
     describe,
     dtype_of,
     fetch,
-    may_alias,
-    mutated_input,
     shape_of,
     tensor_of,
     why_kept,
@@ -38,8 +37,9 @@ from .ops import (
 from .report import Leftover, Region, Report
 from .rules.tokens import SHAPE_KINDS, output_shape
 from .values import OPAQUE, Const, Lin, NoFold, Rule, Value
+from .verify import NotExtractable, region_module
 
-_IMPURE_NAMES = ("rand", "normal", "bernoulli", "dropout", "empty", "multinomial", "poisson")
+_MISSING = object()
 
 
 @dataclass
@@ -57,7 +57,8 @@ def _per_sample(shape: Sequence[int] | None) -> int:
 class Folder:
     """Folds one traced :class:`torch.fx.GraphModule` in place (the caller passes a copy)."""
 
-    def __init__(self, gm: fx.GraphModule, rules: Sequence[Rule], max_cost: float = 1.0) -> None:
+    def __init__(self, gm: fx.GraphModule, rules: Sequence[Rule], max_cost: float = 1.0,
+                 obs: Observation | None = None, keep: dict[str, str] | None = None) -> None:
         self.gm = gm
         self.graph = gm.graph
         self.modules = dict(gm.named_modules())
@@ -70,13 +71,18 @@ class Folder:
         self.ops: dict[fx.Node, Op | None] = {
             n: describe(n, self.modules) for n in self.graph.nodes
         }
-        self.mutated = _mutated_aliases(self.graph, self.modules)
+        self.obs = obs if obs is not None else Observation()
+        self.mutated = self.obs.first_writer  # node -> the first op that writes it later
         for n in self.graph.nodes:
             n.meta["_reparam_what"] = _what(n, self.modules)
             n.meta["_reparam_linear"] = self.ops[n] is not None
         param = next(iter(gm.parameters()), None)
         self.device = param.device if param is not None else None
-        self.forced: dict[fx.Node, str] = {}  # nodes kept as ops by the cost policy
+        keep = keep or {}
+        # nodes kept as ops: by the cost policy, the dtype's range, or verification (``keep``)
+        self.forced: dict[fx.Node, str] = {n: keep[n.name] for n in self.graph.nodes
+                                           if n.name in keep}
+        self.captured: dict[str, tuple] = {}  # region output -> (its ops, module, source)
         self.cost_reasons: dict[fx.Node, str] = {}  # where a dear region was split
         self._consts: dict[fx.Node, Value] = {}
         # node -> (identity of its inputs' values and barrier flags, its value, its reason):
@@ -89,30 +95,29 @@ class Folder:
 
     # --- values ------------------------------------------------------------------------------
     def _const(self, node: fx.Node, values: dict[fx.Node, Value]) -> Value:
-        """Evaluate a node that depends on constants only (``self.alpha.view(1, -1, 1, 1)``)."""
-        if node in self._consts:
-            return self._consts[node]
-        result: Value = OPAQUE
-        name = getattr(node.target, "__name__", str(node.target))
-        if node.op in ("call_function", "call_method") and not any(
-            word in name for word in _IMPURE_NAMES
-        ) and mutated_input(node, self.modules) is None:
-            def read(a):
-                return values[a].value if isinstance(a, fx.Node) else a
+        """The value of a node that depends on constants only (``self.alpha.view(1, -1, 1, 1)``),
+        as the observed run computed it, or computed here from constants the run could not know
+        as such (a tensor's rank, ``x.dim()``); opaque if it drew random numbers, wrote a tensor
+        or read state that forward writes."""
+        if node in self.obs.random or node in self.obs.writers:
+            return OPAQUE
+        found = self.obs.consts.get(node, _MISSING)
+        if found is not _MISSING:
+            return Const(found)
 
-            args = fx.node.map_arg(node.args, read)
-            kwargs = fx.node.map_arg(node.kwargs, read)
-            try:
-                with torch.no_grad():
-                    if node.op == "call_function":
-                        result = Const(node.target(*args, **kwargs))
-                    else:
-                        obj, *rest = args
-                        result = Const(getattr(obj, node.target)(*rest, **kwargs))
-            except Exception:  # noqa: BLE001 - anything that fails stays opaque
-                result = OPAQUE
-        self._consts[node] = result
-        return result
+        def read(a):
+            return values[a].value if isinstance(a, fx.Node) else a
+
+        args = fx.node.map_arg(node.args, read)
+        kwargs = fx.node.map_arg(node.kwargs, read)
+        try:
+            with torch.no_grad():
+                if node.op == "call_function":
+                    return Const(node.target(*args, **kwargs))
+                obj, *rest = args
+                return Const(getattr(obj, node.target)(*rest, **kwargs))
+        except Exception:  # noqa: BLE001 - anything that fails stays opaque
+            return OPAQUE
 
     def _fold_node(self, node: fx.Node, op: Op, values: dict[fx.Node, Value],
                    barriers: set[fx.Node], reasons: dict[fx.Node, str],
@@ -177,11 +182,19 @@ class Folder:
         if node.op == "placeholder" or node.op == "output":
             values[node] = OPAQUE
         elif node.op == "get_attr":
+            if node in self.obs.state:
+                values[node] = OPAQUE
+                reasons[node] = "forward writes this tensor, so it is state, not a constant"
+                return []
             if node not in self._consts:  # a moved BN's scale keeps its float64 value
                 exact = node.meta.get("reparam_exact")
                 self._consts[node] = Const(exact if exact is not None
                                            else fetch(self.gm, str(node.target)))
             values[node] = self._consts[node]
+        elif node in self.obs.random:
+            values[node] = OPAQUE
+            reasons[node] = (f"{_what(node, self.modules)} draws random numbers "
+                             f"({self.obs.random[node]}), so it is kept as it is")
         elif node in self.forced:
             values[node] = OPAQUE
             reasons[node] = self.forced[node]
@@ -193,7 +206,9 @@ class Folder:
         else:
             inputs = node.all_input_nodes
             if node.op != "call_module" and all(isinstance(values.get(i), Const) for i in inputs):
-                values[node] = self._const(node, values)
+                if node not in self._consts:
+                    self._consts[node] = self._const(node, values)
+                values[node] = self._consts[node]
                 return []
             op = self.ops[node]
             if op is None:
@@ -307,8 +322,7 @@ class Folder:
             return 0
         out = shape_of(node)
         if op.kind in ("conv", "linear"):
-            weight = op.attrs["weight"]
-            w = tensor_of(self.gm, weight)
+            w = self._tensor(op.attrs["weight"])
             if w is None:
                 return 0
             if op.kind == "linear":
@@ -379,6 +393,20 @@ class Folder:
                 continue
             if output_shape(value.kernel, source) != tuple(want):
                 out[b] = "a shape-only op inside this region is not undone here"
+        return out
+
+    def _out_of_range(self, plan: Plan) -> dict[fx.Node, str]:
+        """Regions whose folded kernel, cast to the model's dtype (by :meth:`_settle`), is not
+        finite: a float16 or bfloat16 model whose BN scales overflow once multiplied in."""
+        out = {}
+        for b in plan.barriers:
+            value = plan.values[b]
+            if not isinstance(value, Lin) or self._trivial(value) or _spent(value):
+                continue
+            k = value.kernel
+            if not (bool(torch.isfinite(k.weight).all()) and bool(torch.isfinite(k.bias).all())):
+                out[b] = (f"the folded weights do not fit in {k.weight.dtype} (they overflow "
+                          "once the BN scale is multiplied in), so this region is kept unfolded")
         return out
 
     def _trivial(self, value: Lin) -> bool:
@@ -452,6 +480,7 @@ class Folder:
                 continue
             cuts, forced = self._too_dear(plan)
             forced.update(self._wrong_shape(plan))
+            forced.update(self._out_of_range(plan))
             if not cuts and not forced:
                 plan.reasons = {**self._alone(plan), **first, **self.cost_reasons,
                                 **self.forced}
@@ -488,8 +517,10 @@ class Folder:
         return out
 
     # --- rewriting -----------------------------------------------------------------------------
-    def materialize(self, plan: Plan) -> Report:
-        """Replace each region by one new module, releasing its float64 kernel as it goes."""
+    def materialize(self, plan: Plan, capture: bool = False) -> Report:
+        """Replace each region by one new module, releasing its float64 kernel as it goes. With
+        ``capture``, each region's original ops are kept apart as a module of its source (for
+        verification to check the region alone)."""
         self._memo.clear()  # the plan is final: no walk reads the memo's kernels again
         report = Report()
         removed: set[fx.Node] = set()
@@ -503,8 +534,9 @@ class Folder:
                 raise RuntimeError(f"reparam: the kernel of '{b}' was released too early")
             source = done.get(value.source, value.source)
             if _is_identity(value.kernel) and value.source is not b:
-                if b in self.mutated:
-                    continue  # written in place: a copy (clone) must stay a copy
+                if (b in self.mutated or value.source in self.mutated
+                        or any(n.op == "call_method" for n in value.nodes)):
+                    continue  # clone() and contiguous() make a new tensor or layout: they stay
                 b.replace_all_uses_with(source)
                 done[b] = source
                 removed |= value.nodes
@@ -519,8 +551,16 @@ class Folder:
             if fmt is not None and module.weight.dim() == 4 + (fmt is torch.channels_last_3d):
                 module.to(memory_format=fmt)
             temp = f"_reparam_tmp_{len(pending)}"
+            if capture:
+                try:
+                    ops = region_module(self.gm, value.source, value.nodes, b, self._is_const)
+                    self.captured[b.name] = (ops, module, value.source)
+                except NotExtractable:
+                    pass
             self.gm.add_submodule(temp, module)
-            with self.graph.inserting_before(b):
+            # where the region starts: its ops read the source there, before any later write
+            start = min(value.nodes, key=_order)
+            with self.graph.inserting_before(start):
                 new = self.graph.call_module(temp, (source,))
             new.meta = dict(b.meta)
             b.replace_all_uses_with(new)
@@ -532,7 +572,7 @@ class Folder:
                 temp, replaced, value.rules, value.kernel.geometry(),
                 self._params(value.nodes), sum(p.numel() for p in module.parameters()),
                 sum(self.op_cost(n) for n in value.nodes), self.kernel_cost(b, value),
-                output=b.name))
+                output=b.name, source=value.source.name))
             plan.values[b] = _release(value)  # its float64 kernel now lives on in the module
         for node in [n for n in self.graph.nodes if _is_rank_query(n)]:
             x = node.args[0]
@@ -557,6 +597,18 @@ class Folder:
             report.leftovers.append(Leftover(node.name, op.kind if op else node.op, reason))
         self.gm.recompile()
         return report
+
+    def _tensor(self, arg) -> torch.Tensor | None:
+        """A parameter as a tensor: itself, a ``get_attr``'s tensor, or a constant computed from
+        parameters (a kernel generated in forward: costed by its real shape)."""
+        t = tensor_of(self.gm, arg)
+        if t is None and isinstance(arg, fx.Node):
+            value = self._consts.get(arg)
+            t = value.value if isinstance(value, Const) else self.obs.consts.get(arg)
+        return t if isinstance(t, torch.Tensor) else None
+
+    def _is_const(self, node: fx.Node) -> bool:
+        return isinstance(self._consts.get(node), Const)
 
     def _memory_format(self, node: fx.Node) -> torch.memory_format | None:
         """The channels-last format of a conv's weight (kept by the module that replaces it)."""
@@ -646,37 +698,6 @@ class Folder:
         return names
 
 
-def _mutated_aliases(graph: fx.Graph, modules: dict[str, nn.Module]) -> set[fx.Node]:
-    """Every node whose tensor an in-place op writes *after* the node produced it: the op's
-    target and its aliases (views, identities, in-place ops), by union-find over "may alias".
-    Such a node can be neither read out of order as a source nor folded through. (The output of
-    ``x.relu_()`` itself is fine to read: the write happened as it was produced.)"""
-    parent: dict[fx.Node, fx.Node] = {}
-
-    def find(n: fx.Node) -> fx.Node:
-        while parent.get(n, n) is not n:
-            parent[n] = parent.get(parent[n], parent[n])
-            n = parent[n]
-        return n
-
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    writes: list[tuple[fx.Node, int]] = []
-    for n in graph.nodes:
-        other = may_alias(n, modules)
-        if other is not None:
-            parent[find(n)] = find(other)
-        target = mutated_input(n, modules)
-        if target is not None:
-            writes.append((target, order[n]))
-    if not writes:
-        return set()
-    last: dict[fx.Node, int] = {}
-    for target, at in writes:
-        root = find(target)
-        last[root] = max(last.get(root, -1), at)
-    return {n for n in graph.nodes if last.get(find(n), -1) > order[n]}
-
-
 def _what(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     """What a node computes, in a word: the module's class or the function's name."""
     if node.op == "call_module":
@@ -729,7 +750,7 @@ def _has_attr(gm: nn.Module, path: str) -> bool:
     return True
 
 
-def drop_identities(gm: fx.GraphModule) -> None:
+def drop_identities(gm: fx.GraphModule, obs: Observation) -> None:
     """Remove ``nn.Identity``, eval-mode dropout and ``F.dropout(training=False)`` calls: each
     returns its input tensor itself, so its users may read the input directly."""
     modules = dict(gm.named_modules())
@@ -737,22 +758,30 @@ def drop_identities(gm: fx.GraphModule) -> None:
         op = describe(node, modules)
         if op is None or op.kind != "identity" or node.op == "call_method":
             continue  # clone() copies and contiguous() may: those stay
-        if not isinstance(op.inputs[0], fx.Node) or node.kwargs.get("inplace"):
+        if (not isinstance(op.inputs[0], fx.Node) or node.kwargs.get("inplace")
+                or node in obs.random or node in obs.writers):
             continue
         node.replace_all_uses_with(op.inputs[0])
         gm.graph.erase_node(node)
 
 
-def fold_graph(gm: fx.GraphModule, rules: Sequence[Rule], max_cost: float = 1.0) -> Report:
-    """Fold ``gm`` in place (shapes must already be propagated) and return the report."""
-    drop_identities(gm)
-    moved = push_affine(gm, {r.name for r in rules},
-                        _mutated_aliases(gm.graph, dict(gm.named_modules())))
+def fold_graph(gm: fx.GraphModule, rules: Sequence[Rule], max_cost: float = 1.0,
+               obs: Observation | None = None, keep: dict[str, str] | None = None,
+               captured: dict | None = None) -> Report:
+    """Fold ``gm`` in place (after the observed run ``obs`` of it) and return the report.
+
+    ``keep`` maps node names to keep unfolded to the reason; with ``captured`` (a dict), each
+    region's original ops are stored in it for :mod:`reparam.verify`."""
+    obs = obs if obs is not None else Observation()
+    drop_identities(gm, obs)
+    moved = push_affine(gm, {r.name for r in rules}, obs.first_writer)
     for i, node in enumerate(gm.graph.nodes):
         node.meta["_reparam_order"] = i
-    folder = Folder(gm, rules, max_cost)
+    folder = Folder(gm, rules, max_cost, obs, keep)
     plan = folder.plan()
-    report = folder.materialize(plan)
+    report = folder.materialize(plan, capture=captured is not None)
+    if captured is not None:
+        captured.update(folder.captured)
     read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
     for name in moved:  # a moved BN's scale and shift, now folded into a linear layer
         if name not in read:

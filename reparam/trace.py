@@ -13,16 +13,15 @@ import collections
 import copy
 import functools
 import inspect
-import io
 import textwrap
 import warnings
 from collections.abc import Callable, Iterable
-from contextlib import redirect_stderr
 
 import torch
 from torch import fx, nn
 
 from .errors import ReparamError, TraceError
+from .observe import observe
 
 
 def _cached_tensors(model: nn.Module) -> list[torch.Tensor]:
@@ -268,26 +267,10 @@ def clone_inputs(inputs: tuple) -> tuple:
     return tuple(t.detach().clone() if isinstance(t, torch.Tensor) else t for t in inputs)
 
 
-def propagate_shapes(gm: fx.GraphModule, inputs: tuple) -> tuple:
-    """Record every node's output shape and dtype in ``node.meta`` with one real run on a copy of
-    the example inputs: their first sample when that runs (cheaper), else the whole batch (a BN
-    with batch statistics, a hard-coded batch size). Returns ``(inputs used, output)``."""
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    batched = [isinstance(t, torch.Tensor) and t.dim() > 1 and len(t) > 1 for t in inputs]
-    attempts = [inputs]
-    if any(batched):
-        attempts.insert(0, tuple(t[:1] if b else t for t, b in zip(inputs, batched, strict=True)))
-    error: Exception | None = None
-    for args in attempts:
-        try:
-            with torch.no_grad(), warnings.catch_warnings(), redirect_stderr(io.StringIO()):
-                warnings.simplefilter("ignore")  # ShapeProp prints the failing node: we raise
-                return args, ShapeProp(gm).propagate(*clone_inputs(args))
-        except Exception as e:  # noqa: BLE001
-            error = e
-    raise ReparamError(
-        f"running the traced model on example inputs failed ({type(error).__name__}: "
-        f"{str(error).splitlines()[0] if str(error) else ''}); pass example_inputs that the "
-        "model accepts"
-    ) from error
+def propagate_shapes(gm: fx.GraphModule, inputs: tuple, protect: nn.Module | None = None
+                     ) -> tuple:
+    """Record every node's output shape and dtype in ``node.meta`` with one observed run on a copy
+    of the example inputs (see :func:`reparam.observe.observe`). Returns ``(inputs used,
+    output)``."""
+    obs = observe(gm, inputs, protect)
+    return obs.inputs, obs.output

@@ -15,7 +15,7 @@ import reparam
 from reparam import rewrite
 from reparam.models import RepVGGBlock
 from reparam.rules import ALL
-from reparam.trace import propagate_shapes
+from reparam.observe import observe
 
 
 class Escaping(nn.Module):
@@ -35,11 +35,11 @@ class Escaping(nn.Module):
 
 def plan_of(model: nn.Module, x: torch.Tensor):
     gm = fx.symbolic_trace(model)
-    propagate_shapes(gm, (x,))
-    rewrite.drop_identities(gm)
+    obs = observe(gm, (x,))
+    rewrite.drop_identities(gm, obs)
     for i, node in enumerate(gm.graph.nodes):
         node.meta["_reparam_order"] = i
-    folder = rewrite.Folder(gm, ALL)
+    folder = rewrite.Folder(gm, ALL, obs=obs)
     return folder, folder.plan()
 
 

@@ -161,6 +161,9 @@ def conv_bn(ctx: Context, op: Op) -> Lin:
     beta = ctx.param(a["bias"]) if a["bias"] is not None else None
     eps = a["eps"]
     eps = float(ctx.const(eps) if not isinstance(eps, (int, float)) else eps)
+    if bool(torch.any(var + eps <= 0)):
+        raise NoFold("running_var + eps is 0 (or negative) for some channel: the BN divides by "
+                     "zero there, so it is kept as it is")
     x = ctx.lin(op.inputs[0], _rank_layout(ctx, op.inputs[0]))
     return ctx.result(K.fuse_bn(x.kernel, mean, var, gamma, beta, eps), x, rule="conv_bn")
 

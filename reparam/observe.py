@@ -1,0 +1,271 @@
+"""One observed run of a traced graph: shapes, writes, random draws and constants, as torch saw
+them.
+
+The traced graph runs once on a copy of the example inputs, node by node, under a dispatch mode
+that sees every aten op torch executes, inside leaf modules too. From torch's own op metadata it
+records, per node:
+
+* **writes**: an op whose schema marks an argument as written (``relu_``, ``mul.out``, ``copy_``,
+  setitem's ``fill_``, any in-place overload called directly), on any tensor however it was
+  reached (``.data``, ``.detach()``, views, a leaf module writing its input). A node whose storage
+  is written after it was produced cannot be read out of order, nor folded through; a parameter
+  or buffer that forward writes is *state*, not a constant.
+* **random draws**: an op tagged ``nondeterministic_seeded`` (``bernoulli_``, ``exponential_`` of
+  gumbel_softmax, ``rand``...). Such a node is never a constant and never folded.
+* **shapes and dtypes** of every tensor (``node.meta["tensor_meta"]``) and the Python value of
+  every scalar such as ``x.size(3)`` (``node.meta["reparam_value"]``).
+* **constants**: the value of every node that depends on no input and no state.
+
+The caller's parameters and buffers are protected: an op that would write one raises
+:class:`CallerTensorWritten` before it runs (the caller then runs again on copies), and a
+parameter whose data was swapped (``p.data = t``) is put back and reported the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import redirect_stderr
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import fx, nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from .errors import ReparamError
+
+
+class TensorMeta(NamedTuple):
+    """What the fold needs to know of a tensor a node produced."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+
+
+class CallerTensorWritten(Exception):
+    """The model's forward tried to write a parameter or buffer shared with the caller."""
+
+
+@dataclass
+class Observation:
+    """What one run of a traced graph showed (see the module docstring)."""
+
+    output: Any = None
+    inputs: tuple = ()
+    # node -> the first node that wrote its storage after it was produced
+    first_writer: dict[fx.Node, fx.Node] = field(default_factory=dict)
+    writers: set[fx.Node] = field(default_factory=set)  # nodes that wrote a tensor
+    random: dict[fx.Node, str] = field(default_factory=dict)  # node -> the random op it ran
+    state: set[fx.Node] = field(default_factory=set)  # get_attr nodes whose tensor is written
+    consts: dict[fx.Node, Any] = field(default_factory=dict)  # value of input-free nodes
+
+    @property
+    def written(self) -> set[fx.Node]:
+        """Nodes whose storage is written after they were produced."""
+        return set(self.first_writer)
+
+
+def _storage_key(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError):  # sparse, nested, functional wrappers
+        return None
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    leaves, _ = tree_flatten(value)
+    return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+
+_SCHEMA: dict[Any, tuple[tuple[int, ...], tuple[str, ...], bool]] = {}
+
+
+def _schema_of(func) -> tuple[tuple[int, ...], tuple[str, ...], bool]:
+    """Positions and names of the arguments an aten overload writes, and whether it is random."""
+    found = _SCHEMA.get(func)
+    if found is None:
+        written = [(i, a.name) for i, a in enumerate(func._schema.arguments)
+                   if a.alias_info is not None and a.alias_info.is_write]
+        seeded = torch.Tag.nondeterministic_seeded in getattr(func, "tags", ())
+        found = (tuple(i for i, _ in written), tuple(n for _, n in written), seeded)
+        _SCHEMA[func] = found
+    return found
+
+
+class _Watch(TorchDispatchMode):
+    """Records the storages each aten op writes and whether it draws random numbers; refuses to
+    write a protected storage (the caller's parameters and buffers)."""
+
+    def __init__(self, protected: set[int]) -> None:
+        super().__init__()
+        self.protected = protected
+        self.writes: set[int] = set()
+        self.random: str | None = None
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False  # nothing is compiled in here: do not import torch._dynamo (seconds)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        positions, names, seeded = _schema_of(func)
+        if positions or names:
+            for i, name in zip(positions, names, strict=True):
+                value = args[i] if i < len(args) else kwargs.get(name)
+                for t in _tensors(value):
+                    key = _storage_key(t)
+                    if key is None:
+                        continue
+                    if key in self.protected:
+                        raise CallerTensorWritten(str(func))
+                    self.writes.add(key)
+        if seeded and self.random is None:
+            self.random = str(func).removeprefix("aten.")
+        return func(*args, **kwargs)
+
+
+def caller_storages(module: nn.Module) -> set[int]:
+    """Storage keys of every parameter and buffer of ``module`` (what fold must never write)."""
+    keys = set()
+    for t in (*module.parameters(), *module.buffers()):
+        key = _storage_key(t)
+        if key is not None:
+            keys.add(key)
+    return keys
+
+
+@contextlib.contextmanager
+def guarded(module: nn.Module) -> Iterator[_Watch]:
+    """Run code that may write tensors shared with ``module`` (the caller's model): an aten write
+    into one raises :class:`CallerTensorWritten` before it happens, and a parameter whose data was
+    replaced (``p.data = t``) is restored and reported the same way."""
+    params = list(module.parameters()) + list(module.buffers())
+    before = [(t, t.data) for t in params]
+    watch = _Watch(caller_storages(module))
+    swapped = False
+    try:
+        with torch.no_grad(), watch:
+            yield watch
+    finally:
+        for t, data in before:
+            if t.data.data_ptr() != data.data_ptr() or t.data.shape != data.shape:
+                t.data = data
+                swapped = True
+    if swapped:
+        raise CallerTensorWritten("a parameter's data was replaced")
+
+
+class _Interpreter(fx.Interpreter):
+    """Runs the graph node by node, recording what :class:`Observation` holds."""
+
+    def __init__(self, gm: fx.GraphModule, graph: fx.Graph | None, watch: _Watch) -> None:
+        super().__init__(gm, graph=graph)
+        self.watch = watch
+        self.obs = Observation()
+        self.order: dict[fx.Node, int] = {}
+        # storage -> nodes that output on it; the weak reference keeps the storage's address from
+        # being reused by a new storage while this run lasts, so a key names one storage
+        self.producers: dict[int, tuple[StorageWeakRef, list[fx.Node]]] = {}
+        self.free: set[fx.Node] = set()  # nodes that may be constants (no input, no random)
+        self.values: dict[fx.Node, Any] = {}  # candidate constant values
+
+    def run_node(self, n: fx.Node) -> Any:
+        watch = self.watch
+        watch.writes, watch.random = set(), None
+        result = super().run_node(n)
+        self.order[n] = len(self.order)
+        if watch.writes:
+            self.obs.writers.add(n)
+            for key in watch.writes:
+                for m in self.producers.get(key, (None, ()))[1]:
+                    self.obs.first_writer.setdefault(m, n)
+                    if m.op == "get_attr":
+                        self.obs.state.add(m)
+        if watch.random is not None:
+            self.obs.random[n] = watch.random
+        self._record(n, result)
+        return result
+
+    def _record(self, n: fx.Node, result: Any) -> None:
+        if isinstance(result, torch.Tensor):
+            n.meta["tensor_meta"] = TensorMeta(result.shape, result.dtype)
+        elif isinstance(result, (tuple, list)) and result and all(
+                isinstance(r, torch.Tensor) for r in result):
+            n.meta["tensor_meta"] = tuple(TensorMeta(r.shape, r.dtype) for r in result)
+        elif isinstance(result, (int, float, bool, torch.Size)) or (
+                isinstance(result, (tuple, list)) and all(isinstance(r, int) for r in result)):
+            n.meta["reparam_value"] = result
+        for t in _tensors(result):
+            key = _storage_key(t)
+            if key is None:
+                continue
+            entry = self.producers.get(key)
+            if entry is None:
+                entry = self.producers[key] = (StorageWeakRef(t.untyped_storage()), [])
+            entry[1].append(n)
+        if n.op == "get_attr" or (
+            n.op in ("call_function", "call_method") and n not in self.obs.random
+            and n not in self.obs.writers and all(i in self.free for i in n.all_input_nodes)
+        ):
+            self.free.add(n)
+            self.values[n] = result
+
+    def constants(self) -> dict[fx.Node, Any]:
+        """The recorded values of nodes that depend on neither an input nor a written tensor."""
+        tainted = set(self.obs.state)
+        consts = {}
+        for n in self.order:  # graph order: inputs before users
+            if n not in self.free:
+                continue
+            if n in tainted or any(i in tainted for i in n.all_input_nodes):
+                tainted.add(n)
+                continue
+            consts[n] = self.values[n]
+        return consts
+
+
+def _copies(inputs: Iterable) -> tuple:
+    return tuple(t.detach().clone() if isinstance(t, torch.Tensor) else t for t in inputs)
+
+
+def observe(gm: fx.GraphModule, inputs: tuple, protect: nn.Module | None = None,
+            graph: fx.Graph | None = None) -> Observation:
+    """Run ``gm`` once on copies of ``inputs`` and record what :class:`Observation` holds; the
+    storages of ``protect`` (the caller's model) are never written (see :func:`guarded`).
+
+    Tries the first sample of a batch first (cheaper), then the whole batch (a BN with batch
+    statistics, a hard-coded batch size). Raises :class:`ReparamError` if neither runs and
+    :class:`CallerTensorWritten` if the graph would write the caller's tensors."""
+    batched = [isinstance(t, torch.Tensor) and t.dim() > 1 and len(t) > 1 for t in inputs]
+    attempts = [inputs]
+    if any(batched):
+        attempts.insert(0, tuple(t[:1] if b else t for t, b in zip(inputs, batched, strict=True)))
+    error: Exception | None = None
+    for args in attempts:
+        protected = caller_storages(protect) if protect is not None else set()
+        watch = _Watch(protected)
+        runner = _Interpreter(gm, graph, watch)
+        try:
+            with torch.no_grad(), watch, warnings.catch_warnings(), \
+                    redirect_stderr(io.StringIO()):
+                warnings.simplefilter("ignore")
+                output = runner.run(*_copies(args))
+        except CallerTensorWritten:
+            raise
+        except Exception as e:  # noqa: BLE001 - the model's own code failed on this input
+            error = e
+            continue
+        obs = runner.obs
+        obs.output, obs.inputs = output, args
+        obs.consts = runner.constants()
+        return obs
+    message = str(error).strip().splitlines()[0] if error is not None and str(error).strip() else ""
+    raise ReparamError(
+        f"running the model on the example inputs failed ({type(error).__name__}: {message}); "
+        "pass example_inputs that the model accepts"
+    ) from error
