@@ -152,6 +152,9 @@ def trace(make_copy: Callable[[], nn.Module], leaf_modules: Iterable[str] = ()
     untraced: list[tuple[str, str]] = []
     for _ in range(1000):
         root = make_copy()
+        if "forward" in vars(root):  # torch.fx would trace the class's forward, not this one
+            raise TraceError(f"{type(root).__name__}'s forward is replaced on the instance, "
+                             "which torch.fx does not trace: it is kept as it is")
         tracer = _Tracer(leaves)
         try:
             with warnings.catch_warnings():

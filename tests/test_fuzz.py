@@ -10,13 +10,17 @@ divisor_override), sums / differences of branches (operator, ``torch.add`` with 
 cats, scalings by constants and per-channel (and per-position) parameters, activations (incl.
 in-place ``relu_`` / ``add_`` / ``mul_`` / ``nn.ReLU(inplace=True)``), identity / dropout / clone,
 in-place writes through aliases (Identity, eval dropout, contiguous, clone) while a region spans
-them, shared modules called twice, linear layers on channels-last tokens and a pooled linear+BN
+them, writes through ``out=``, ``.data`` and ``torch.ops.aten`` in-place overloads, leaf modules
+(named in ``leaf_modules``) that write the tensor they receive, convs whose ``forward`` is
+replaced on the instance, random ops (``rand_like``, dropout in training mode, gumbel noise),
+shared modules called twice, linear layers on channels-last tokens and a pooled linear+BN
 head, and multi-branch blocks (RepVGG / ACNet / DBB-like, with random and sometimes misaligned
 geometry) whose branches start at random earlier nodes. Shapes come from running every
 instruction on a probe tensor while the program is built, so every program is valid.
 
-For each program: the float64 fold must match the float64 original within 1e-9 (relative), the
-float32 fold must match the float64 original within 1e-4, the caller's example input is not
+For each program: the float64 fold, unverified (``verify=False``: the engine must be right on its
+own), must match the float64 original within 1e-9 (relative); the float32 fold, verified as by
+default, must match the float64 original within 1e-4; the caller's example input is not
 modified, and no region is dearer than the ops it replaced.
 
 The CI profile runs ``FACTOR`` x the profile's ``max_examples`` graphs per test (a few hundred in
@@ -36,6 +40,7 @@ import copy
 import dataclasses
 import math
 import os
+import types
 
 import pytest
 import torch
@@ -98,6 +103,23 @@ atexit.register(_write_counts)
 # --- the program ------------------------------------------------------------------------------
 
 
+class WriteLeaf(nn.Module):
+    """A module kept as a leaf (``leaf_modules``) that writes the tensor it receives."""
+
+    def __init__(self, c: float) -> None:
+        super().__init__()
+        self.c = c
+
+    def forward(self, x):
+        x.mul_(self.c)
+        return x * 1.0
+
+
+def doubled_forward(self: nn.Module, x):
+    """A forward set on a conv instance (accelerate-style): it computes 2 * conv(x)."""
+    return self._conv_forward(x, self.weight, self.bias) * 2.0
+
+
 class Program(nn.Module):
     """``forward`` runs ``self.code``: a list of instructions, each reading earlier values."""
 
@@ -108,6 +130,7 @@ class Program(nn.Module):
         self.params = nn.ParameterDict()
         self.code: list[tuple] = []
         self.outputs: list[int] = []
+        self.leaves: list[str] = []  # module paths fold must not trace into
 
     def forward(self, x):
         vals = [x]
@@ -201,6 +224,26 @@ class Program(nn.Module):
         if op == "iadd":
             a, b = args
             return vals[a].add_(vals[b])
+        if op == "write":  # in place, through out= / .data / an aten overload called directly
+            a, how, c = args
+            v = vals[a]
+            if how == "out":
+                return torch.mul(v, c, out=v)
+            if how == "data":
+                v.data.mul_(c)
+                return v
+            return torch.ops.aten.mul_.Scalar(v, c)
+        if op == "noise":
+            src, name = args
+            return vals[src] + torch.rand_like(self.params[name])
+        if op == "rand":
+            src, how = args
+            v = vals[src]
+            if how == "rand_like":
+                return v * torch.rand_like(v)
+            if how == "dropout":
+                return F.dropout(v, 0.3, training=True)
+            return v + torch.empty_like(v).exponential_()  # gumbel_softmax's noise
         if op == "imul":
             a, c = args
             return vals[a].mul_(c)
@@ -526,6 +569,59 @@ class Builder:
             self.conv(src) if self.flag() else self.bn(src, "module")
         return out
 
+    def write(self, src: int) -> int | None:
+        """An in-place write by out=, .data or an aten overload between two reads of ``src``
+        whose results are then summed: a fold that missed the write would read ``src`` unwritten
+        in both."""
+        if not self.writable(src):
+            return None
+        pre = self.bn(src, "module") if self.flag(0.6) else self.conv(src, self.channels(src))
+        how = self.draw(st.sampled_from(["out", "data", "aten"]))
+        out = self.emit(("write", src, how, self.draw(st.sampled_from([2.0, -0.5]))))
+        if out is None or pre is None:
+            return out
+        post = self.conv(src, self.channels(src)) if self.flag() else self.bn(src, "module")
+        if post is not None and self.vals[post].shape == self.vals[pre].shape:
+            return self.emit(("add", pre, post, "op"))
+        return out
+
+    def leaf(self, src: int) -> int | None:
+        """A leaf module that writes the tensor it receives (named in leaf_modules)."""
+        if not self.writable(src):
+            return None
+        pre = self.bn(src, "module") if self.flag(0.6) else None
+        name = self.name("leaf")
+        out = self.emit(("call", name, src), {name: WriteLeaf(self.draw(st.sampled_from(
+            [2.0, -1.0])))})
+        if out is not None:
+            self.prog.leaves.append(f"mods.{name}")
+        if pre is not None:
+            self.conv(pre)
+        return out
+
+    def override(self, src: int) -> int | None:
+        """A conv whose forward is replaced on the instance, followed by a BN."""
+        c = self.channels(src)
+        m = CONV[self.nd](c, self.draw(st.integers(1, MAX_CHANNELS)), 3, padding=1, dtype=F64)
+        m = self.randomize(m)
+        m.forward = types.MethodType(doubled_forward, m)  # deepcopy rebinds it
+        y = self.call(m, src, "over")
+        return self.bn(y, "module") if y is not None else None
+
+    def rand(self, src: int) -> int | None:
+        """A random op: on the data, or input-free noise (``rand_like`` of a parameter), which a
+        fold that missed its randomness would bake into a bias."""
+        how = self.draw(st.sampled_from(["rand_like", "dropout", "gumbel", "noise"]))
+        if how == "noise":
+            shape = (1, self.channels(src)) + (1,) * self.nd
+            name = self.name("p")
+            y = self.emit(("noise", src, name), None, {name: torch.zeros(shape, dtype=F64)})
+        else:
+            y = self.emit(("rand", src, how))
+        if y is not None and self.flag(0.6):
+            self.conv(y) if self.flag() else self.bn(y, "module")
+        return y
+
     def equal_pairs(self) -> list[tuple[int, int]]:
         idx = self.spatial()
         return [(a, b) for a in idx for b in idx
@@ -696,7 +792,8 @@ class Builder:
 
     # --- whole programs --------------------------------------------------------------------
     STEPS = ("block", "block", "block", "conv", "conv", "conv", "convT", "bn", "pad", "pool",
-             "scale", "act", "act", "identity", "combine", "combine", "shared", "tokens", "alias")
+             "scale", "act", "act", "identity", "combine", "combine", "shared", "tokens", "alias",
+             "write", "leaf", "override", "rand")
     BLOCK_STEPS = ("block", "block", "block", "block", "act", "combine", "shared", "conv",
                    "alias")
 
@@ -761,8 +858,11 @@ def rel_error(got, want) -> float:
 
 
 def run(model: nn.Module, x: torch.Tensor):
-    with torch.no_grad():
-        return model(x.clone())  # a clone: in-place ops may write into the input
+    """One call on a clone of ``x`` (in-place ops may write into the input), with torch's random
+    generator seeded: the original and the folded model draw the same random numbers."""
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(12345)  # not the seed fold runs its own checks with
+        return model(x.clone())
 
 
 def check_program(case: Case) -> None:
@@ -775,7 +875,8 @@ def check_program(case: Case) -> None:
     try:
         example = x64.clone()
         try:
-            folded = reparam.fold(m64, (example,))
+            # verify=False: the engine must be right on its own, not saved by the safety net
+            folded = reparam.fold(m64, (example,), leaf_modules=m64.leaves, verify=False)
         except reparam.ReparamError as e:
             # `t += c` makes the fx trace differ from eager mode: refusing is right
             if any(ins[0] == "aug" for ins in m64.code) and "eager" in str(e):
@@ -789,7 +890,7 @@ def check_program(case: Case) -> None:
         COUNTS["regions"] += len(folded.reparam_report.regions)
 
         m32 = copy.deepcopy(m64).float()
-        folded32 = reparam.fold(m32, (x64.float(),))
+        folded32 = reparam.fold(m32, (x64.float(),), leaf_modules=m32.leaves)
         assert all(p.dtype == torch.float32 for p in folded32.parameters())
         err32 = rel_error(run(folded32, x64.float()), want)
         base32 = rel_error(run(m32, x64.float()), want)  # float32 rounding of the original
@@ -831,7 +932,8 @@ def test_random_graph_1d_3d(nd, data):
 def test_check_passes_on_random_graphs(case):
     """``check=True`` folds a float64 copy again and compares it on fresh random inputs."""
     try:
-        folded = reparam.fold(case.model, (case.x.clone(),), check=True)
+        folded = reparam.fold(case.model, (case.x.clone(),), check=True,
+                              leaf_modules=case.model.leaves)
     except reparam.ReparamError as e:  # a `+=` torch.fx would trace out of place: refused (R6)
         if any(ins[0] == "aug" for ins in case.model.code) and "eager" in str(e):
             return
@@ -932,3 +1034,45 @@ def test_check_names_the_first_region_when_every_region_is_wrong(monkeypatch):
 
 def test_check_error_is_a_reparam_error():
     assert issubclass(reparam.CheckError, reparam.ReparamError)
+
+
+# --- float16 / bfloat16 range --------------------------------------------------------------
+
+
+@settings(max_examples=max(EXAMPLES // 4, 10))
+@given(dtype=st.sampled_from([torch.float16, torch.bfloat16]), log_var=st.integers(-14, 3),
+       scale=st.sampled_from([1.0, 30.0, 1000.0]), seed=st.integers(0, 2**31 - 1))
+def test_low_precision_folds_never_overflow(dtype, log_var, scale, seed):
+    """A RepVGG-like block in float16 / bfloat16 whose BN variances reach 1e-14 and weights
+    1000: folding multiplies the BN scale into the weights in float64, and the cast back must
+    never give inf or NaN where the original was finite (such a region is kept instead)."""
+    gen = torch.Generator().manual_seed(seed)
+    c = 4
+    branches = [nn.Sequential(nn.Conv2d(c, c, k, padding=k // 2, bias=False), nn.BatchNorm2d(c))
+                for k in (3, 1)]
+    model = nn.ModuleList(branches)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.weight.data = torch.randn(m.weight.shape, generator=gen) * scale
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.copy_(10.0 ** torch.randint(log_var, 4, (c,), generator=gen).double())
+            m.running_mean.copy_(torch.randn(c, generator=gen))
+            m.eps = 10.0 ** log_var
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.b = model
+
+        def forward(self, x):
+            return self.b[0](x) + self.b[1](x)
+
+    block = Block().to(dtype).eval()
+    x = (torch.randn(2, c, 5, 5, generator=gen) * 1e-3).to(dtype)
+    folded = reparam.fold(block, (x,))
+    for name, t in folded.state_dict().items():
+        if t.is_floating_point():
+            assert bool(torch.isfinite(t).all()), f"{name} overflowed in {dtype}"
+    with torch.no_grad():
+        want, got = block(x), folded(x)
+    assert bool(torch.isfinite(got[torch.isfinite(want)]).all()), "inf or NaN where it was finite"
