@@ -18,6 +18,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from .errors import ReparamError
+
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
@@ -32,6 +34,11 @@ class Kernel:
     ``weight`` is ``(out, in/groups, *k)`` for a conv, ``(in, out/groups, *k)`` for a transposed
     conv and ``(out, in/groups)`` for a linear map (``nd == 0``). ``channels_last`` marks a linear
     map acting on the last axis of a tensor of rank > 2 (tokens); otherwise channels are axis 1.
+
+    A conv's ``padding`` may be negative on an axis, as an intermediate form: padding ``-a``
+    crops ``a`` positions off both ends of the input on that axis before the conv runs (see
+    :func:`crop`). torch cannot run that; :func:`nonnegative_padding` gives the same map with
+    padding >= 0 before a kernel is materialized.
     """
 
     weight: Tensor
@@ -87,7 +94,13 @@ class Kernel:
 
     @property
     def reads_padding(self) -> bool:
+        """Reads padded values somewhere (a negative padding crops and reads none)."""
         return any(p > 0 for p in self.padding)
+
+    @property
+    def crops(self) -> bool:
+        """Has a negative padding on some axis, which torch cannot run as it is."""
+        return any(p < 0 for p in self.padding)
 
     def geometry(self) -> str:
         """A short human-readable summary, e.g. ``conv3x3(4->8,s2,g1)``."""
@@ -126,6 +139,30 @@ def identity(channels: int, nd: int, channels_last: bool = False, dtype=torch.fl
     """The identity map on ``channels`` channels (a Dirac kernel once regrouped or padded)."""
     ones = torch.ones(channels, dtype=dtype, device=device)
     return affine(ones, torch.zeros_like(ones), nd, channels_last)
+
+
+def dirac(out_channels: int, in_channels: int, kernel_size: int | Sequence[int],
+          groups: int = 1, nd: int = 2, dtype=torch.float64, device=None) -> Kernel:
+    """The Dirac kernel ``W[i, i mod (C/g), centre] = 1`` at kernel size ``K`` and ``groups``,
+    stride 1 and "same" padding ``(K - 1) / 2``: the identity when ``out == in``. Otherwise it is
+    ``torch.nn.init.dirac_``'s pattern (in each group, output ``j`` reads input ``j`` for
+    ``j < min(out, in) / g``).
+
+    Exact (an identity, the output the size of the input) for odd ``K`` on every axis.
+    """
+    size = (kernel_size,) * nd if isinstance(kernel_size, int) else tuple(kernel_size)
+    if any(kk % 2 == 0 for kk in size):
+        raise NotExact(f"a {'x'.join(map(str, size))} kernel has no centre tap for an identity")
+    if out_channels % groups or in_channels % groups:
+        raise ReparamError(f"groups={groups} must divide {out_channels} and {in_channels}")
+    per_out, per_in = out_channels // groups, in_channels // groups
+    w = torch.zeros(groups, per_out, per_in, *size, dtype=dtype, device=device)
+    n = min(per_out, per_in)
+    w[(slice(None), torch.arange(n), torch.arange(n)) + tuple(kk // 2 for kk in size)] = 1
+    ones = (1,) * len(size)
+    return Kernel(w.reshape(out_channels, per_in, *size),
+                  torch.zeros(out_channels, dtype=dtype, device=device), ones,
+                  tuple(kk // 2 for kk in size), ones, groups)
 
 
 def bn_scale_shift(mean: Tensor, var: Tensor, gamma: Tensor | None, beta: Tensor | None,
@@ -406,14 +443,29 @@ def compose(a: Kernel, b: Kernel) -> Kernel:
         return scale_out(a, b.weight.reshape(-1), b.bias)
     if a.is_diagonal:
         return scale_in(a.weight.reshape(-1), a.bias, b)
+    indices = selection_indices(a)
+    if indices is not None:  # a channel selection or permutation: re-index b's input columns
+        return take_in(indices, a.in_channels, b)
+    indices = selection_indices(b)
+    if indices is not None:
+        return take_out(a, indices)
     if a.transposed or b.transposed:
         raise NotExact("a transposed conv composes only with per-channel affine maps")
+    if b.crops:  # b crops a's output: a itself gives the cropped output with less padding
+        a = replace(a, padding=tuple(pa + min(pb, 0) * s for pa, pb, s in
+                                     zip(a.padding, b.padding, a.stride, strict=True)))
+        b = replace(b, padding=tuple(max(pb, 0) for pb in b.padding))
     if b.reads_padding:
         if not a.is_pointwise:
             raise NotExact(
                 f"{b.geometry()} pads the output of {a.geometry()} with zeros; one conv on the "
                 "input would read real pixels there (exact only when the first conv is unpadded "
                 "1x1 or the second is unpadded)"
+            )
+        if any(pa < 0 < pb for pa, pb in zip(a.padding, b.padding, strict=True)):
+            raise NotExact(
+                f"{b.geometry()} pads an axis that {a.geometry()} crops; one conv on the input "
+                "would read real pixels where the second conv reads padding"
             )
         if b.padding_mode == "zeros":
             if a.has_bias:
@@ -427,7 +479,7 @@ def compose(a: Kernel, b: Kernel) -> Kernel:
         else:
             if a.reads_padding:
                 raise NotExact("padding modes of the two convs disagree")
-            padding = b.padding
+            padding = tuple(pa + pb for pa, pb in zip(a.padding, b.padding, strict=True))
         mode = b.padding_mode
         inner = replace(b, padding=(0,) * b.nd)
         merged = _compose_unpadded(replace(a, padding=(0,) * a.nd), inner)
@@ -499,6 +551,297 @@ def _compose_unpadded(a: Kernel, b: Kernel) -> Kernel:
 
 
 # ---------------------------------------------------------------------------------------------
+# Spatial crop and mixed dilations: the taps move, the map stays
+# ---------------------------------------------------------------------------------------------
+
+
+def _pair(amount: int | Sequence[int]) -> tuple[int, int]:
+    before, after = (amount, amount) if isinstance(amount, int) else tuple(amount)
+    if before < 0 or after < 0:
+        raise ReparamError(f"a crop takes amounts >= 0, not {amount}")
+    return before, after
+
+
+def _zero_taps(k: Kernel, before: Sequence[int], after: Sequence[int]) -> Tensor:
+    """``k``'s weight with ``before[i]`` and ``after[i]`` zero taps added on spatial axis ``i``."""
+    pad = [n for b, a in zip(reversed(before), reversed(after), strict=True) for n in (b, a)]
+    return torch.nn.functional.pad(k.weight, pad)
+
+
+def crop(k: Kernel, amounts: Sequence[int | Sequence[int]]) -> Kernel:
+    """``k(x[..., a:-b])``, the conv reading a cropped input, as a kernel on the whole ``x``.
+
+    ``amounts`` gives per spatial axis ``a`` (as much off both ends) or ``(a, b)``. A symmetric
+    crop lowers the padding by ``a`` (a negative padding, see :class:`Kernel`); an asymmetric one
+    crops ``min(a, b)`` and adds ``|a - b| / d`` zero taps on the side cropped more (a one-tap
+    axis takes dilation ``|a - b|``). Exact when the conv does not pad a cropped axis (padding
+    ``<= 0`` there: padding would read zeros where the whole input has pixels) and ``|a - b|`` is
+    a multiple of the dilation. The result reads only pixels that the crop keeps.
+    """
+    if k.nd == 0 or k.transposed:
+        raise NotExact(f"a spatial crop does not reach into {k.geometry()}: only a conv reads it")
+    if len(amounts) != k.nd:
+        raise ReparamError(f"crop takes one amount per spatial axis ({k.nd}), got {amounts}")
+    padding, dilation = list(k.padding), list(k.dilation)
+    before, after = [0] * k.nd, [0] * k.nd
+    for axis, amount in enumerate(amounts):
+        start, end = _pair(amount)
+        if start == end == 0:
+            continue
+        p, d, size = k.padding[axis], k.dilation[axis], k.kernel_size[axis]
+        if p > 0:
+            raise NotExact(
+                f"{k.geometry()} pads axis {axis} of its cropped input ({p} on each side): it "
+                f"would read {k.padding_mode} padding where the uncropped input has pixels"
+            )
+        start, end = start - p, end - p  # a crop before a crop adds up
+        extra = abs(start - end)
+        if extra and size == 1:
+            d = dilation[axis] = extra
+        if extra % d:
+            raise NotExact(
+                f"the crop ({start}, {end}) on axis {axis} shifts the taps of {k.geometry()} "
+                f"by {extra}, off its dilation-{d} grid (regrid to a finer dilation first)"
+            )
+        (before if start > end else after)[axis] = extra // d
+        padding[axis] = -min(start, end)
+    return replace(k, weight=_zero_taps(k, before, after), padding=tuple(padding),
+                   dilation=tuple(dilation))
+
+
+def nonnegative_padding(k: Kernel) -> Kernel:
+    """The same map with padding ``>= 0``, the form torch runs: a negative padding ``-a`` on an
+    axis becomes padding 0 and ``a / d`` zero taps on both sides of that axis (a one-tap axis
+    takes dilation ``a``: two zero taps).
+
+    Exact when ``a`` is a multiple of the dilation ``d``; otherwise :func:`regrid` to a dilation
+    dividing ``a`` first (dearer). The added taps are zero and read only kept pixels.
+    """
+    if not k.crops:
+        return k
+    dilation, sides = list(k.dilation), [0] * k.nd
+    for axis, p in enumerate(k.padding):
+        if p >= 0:
+            continue
+        if k.kernel_size[axis] == 1:
+            dilation[axis] = -p
+        if p % dilation[axis]:
+            raise NotExact(
+                f"{k.geometry()} crops {-p} on axis {axis}, not a multiple of its dilation "
+                f"{dilation[axis]}: regrid it to dilation {math.gcd(-p, dilation[axis])} first"
+            )
+        sides[axis] = -p // dilation[axis]
+    return replace(k, weight=_zero_taps(k, sides, sides),
+                   padding=tuple(max(p, 0) for p in k.padding), dilation=tuple(dilation))
+
+
+def regrid(k: Kernel, dilation: Sequence[int]) -> Kernel:
+    """``k``'s taps re-laid on the finer grid of dilation ``d'`` (dividing ``k``'s ``d`` per axis):
+    size ``(K - 1) * d / d' + 1``, zeros between the taps, the same padding.
+
+    Always exact (a one-tap axis takes any ``d'``); the kernel grows about ``(d / d')`` times per
+    axis, and its multiply-adds with it.
+    """
+    dilation = tuple(dilation)
+    if len(dilation) != k.nd:
+        raise ReparamError(f"regrid takes one dilation per spatial axis ({k.nd}), got {dilation}")
+    steps = []
+    for axis, (d, new) in enumerate(zip(k.dilation, dilation, strict=True)):
+        if k.kernel_size[axis] > 1 and (new < 1 or d % new):
+            raise NotExact(
+                f"{k.geometry()} has dilation {d} on axis {axis}: its taps lie on the grid of "
+                f"dilation {new} only if {new} divides {d}"
+            )
+        steps.append(d // new if k.kernel_size[axis] > 1 else 1)
+    if all(s == 1 for s in steps):
+        return replace(k, dilation=dilation)
+    size = [(kk - 1) * s + 1 for kk, s in zip(k.kernel_size, steps, strict=True)]
+    w = torch.zeros(*k.weight.shape[:2], *size, dtype=k.weight.dtype, device=k.weight.device)
+    w[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in steps)] = k.weight
+    return replace(k, weight=w, dilation=dilation)
+
+
+def on_common_grid(kernels: Sequence[Kernel]) -> list[Kernel]:
+    """Every kernel regridded to the gcd of the branches' dilations per axis (only kernels with
+    more than one tap on an axis count), so :func:`add` and :func:`concat` can meet them.
+
+    Always exact; the regridded kernels are dearer (see :func:`regrid`).
+    """
+    nd = kernels[0].nd
+    if any(k.nd != nd for k in kernels):
+        raise NotExact("branches have different spatial dims")
+    common = tuple(
+        math.gcd(*[k.dilation[axis] for k in kernels if k.kernel_size[axis] > 1]) or 1
+        for axis in range(nd))
+    return [regrid(k, common) for k in kernels]
+
+
+# ---------------------------------------------------------------------------------------------
+# Channel selection and permutation: 0/1 pointwise index maps
+# ---------------------------------------------------------------------------------------------
+
+
+def _indices(indices: Sequence[int] | Tensor, channels: int, device=None) -> Tensor:
+    idx = torch.as_tensor(indices, dtype=torch.long, device=device).reshape(-1)
+    if idx.numel() == 0 or bool(torch.any((idx < 0) | (idx >= channels))):
+        raise ReparamError(f"channel indices must lie in [0, {channels}); got {list(indices)}")
+    return idx
+
+
+def shuffle_indices(groups: int, channels: int) -> list[int]:
+    """The permutation of a channel shuffle ``x.reshape(n, g, c/g, ...).transpose(1, 2)
+    .reshape(n, c, ...)``: output channel ``i`` is input channel ``(i % g) * (c / g) + i // g``.
+    """
+    if groups < 1 or channels % groups:
+        raise ReparamError(f"a channel shuffle of {channels} channels in {groups} groups")
+    return torch.arange(channels).reshape(groups, channels // groups).T.reshape(-1).tolist()
+
+
+def select(indices: Sequence[int] | Tensor, in_channels: int, nd: int,
+           channels_last: bool = False, dtype=torch.float64, device=None) -> Kernel:
+    """Channel selection ``y[:, i] = x[:, indices[i]]`` (chunk, split, a cat that reorders, a
+    shuffle, a repeat) as a dense 0/1 pointwise kernel with no bias. Exact always.
+
+    Composed into a neighbouring conv (:func:`compose`, which takes :func:`take_in` or
+    :func:`take_out`) it only re-indexes that conv's weight: a permutation costs nothing there
+    when the neighbour is dense, or grouped with groups the permutation keeps.
+    """
+    idx = _indices(indices, in_channels, device)
+    w = torch.zeros(idx.numel(), in_channels, *([1] * nd), dtype=dtype, device=device)
+    w[(torch.arange(idx.numel(), device=device), idx) + (0,) * nd] = 1
+    ones = (1,) * nd
+    return Kernel(w, torch.zeros(idx.numel(), dtype=dtype, device=device), ones, (0,) * nd,
+                  ones, 1, channels_last=channels_last)
+
+
+def selection_indices(k: Kernel) -> list[int] | None:
+    """The indices if ``k`` is a channel selection (a pointwise unpadded 0/1 map, one 1 per
+    output channel, no bias), else ``None``."""
+    if not k.is_pointwise or any(k.padding) or k.transposed or k.has_bias:
+        return None
+    w = regroup(k, 1).weight.reshape(k.out_channels, k.in_channels)
+    if bool(torch.any((w != 0) & (w != 1))) or bool(torch.any(w.sum(1) != 1)):
+        return None
+    return w.argmax(1).tolist()
+
+
+def _finest_groups(groups: int, idx: Tensor, channels: int) -> int:
+    """The most groups ``g'`` (dividing ``groups``) such that index ``m`` of ``idx`` and channel
+    ``idx[m]`` (of ``channels``) lie in the same block of ``g'``: the grouping an index map keeps.
+    """
+    n = idx.numel()
+    for g in sorted((g for g in range(1, groups + 1) if groups % g == 0), reverse=True):
+        if n % g == 0 and channels % g == 0 and bool(torch.all(
+                torch.arange(n, device=idx.device) // (n // g) == idx // (channels // g))):
+            return g
+    return 1
+
+
+def take_out(k: Kernel, indices: Sequence[int] | Tensor) -> Kernel:
+    """``k(x)[:, indices]``: the rows of the weight and bias taken. Exact always.
+
+    The groups become the most that the selection keeps (the finest grouping in which output
+    ``i`` and ``indices[i]`` lie in the same block; dense if none), via :func:`regroup`.
+    """
+    idx = _indices(indices, k.out_channels, k.weight.device)
+    if k.transposed:
+        if k.groups != 1:
+            raise NotExact("selecting output channels of a grouped transposed conv")
+        return replace(k, weight=k.weight[:, idx], bias=k.bias[idx])
+    r = regroup(k, _finest_groups(k.groups, idx, k.out_channels))
+    return replace(r, weight=r.weight[idx], bias=r.bias[idx])
+
+
+def take_in(indices: Sequence[int] | Tensor, in_channels: int, k: Kernel) -> Kernel:
+    """``k(x[:, indices])`` for an ``x`` of ``in_channels``: the weight's input columns
+    scattered to channels ``indices`` (added where an index repeats), zeros elsewhere.
+
+    Exact always. The groups become the most the selection keeps, as in :func:`take_out`.
+    """
+    dev = k.weight.device
+    idx = _indices(indices, in_channels, dev)
+    if idx.numel() != k.in_channels:
+        raise ReparamError(f"{k.geometry()} reads {k.in_channels} channels, not {idx.numel()}")
+    if k.transposed:
+        if k.groups != 1:
+            raise NotExact("selecting input channels of a grouped transposed conv")
+        w = torch.zeros(in_channels, *k.weight.shape[1:], dtype=k.weight.dtype, device=dev)
+        return replace(k, weight=w.index_add_(0, idx, k.weight))
+    g = _finest_groups(k.groups, idx, in_channels)
+    r = regroup(k, g)
+    out, per_in = k.out_channels, in_channels // g
+    w = r.weight.reshape(g, out // g, idx.numel() // g, *k.kernel_size)
+    local = (idx % per_in).reshape(g, 1, -1, *([1] * k.nd)).expand_as(w)
+    new = torch.zeros(g, out // g, per_in, *k.kernel_size, dtype=w.dtype, device=dev)
+    return replace(r, weight=new.scatter_add_(2, local, w).reshape(out, per_in, *k.kernel_size))
+
+
+# ---------------------------------------------------------------------------------------------
+# A conv on a fixed input size as a linear layer (RepMLP)
+# ---------------------------------------------------------------------------------------------
+
+
+def _output_size(k: Kernel, spatial: Sequence[int]) -> list[int]:
+    if k.transposed:
+        return [(n - 1) * s - 2 * p + d * (kk - 1) + op + 1 for n, s, p, d, kk, op in zip(
+            spatial, k.stride, k.padding, k.dilation, k.kernel_size, k.output_padding,
+            strict=True)]
+    return [(n + 2 * p - d * (kk - 1) - 1) // s + 1 for n, s, p, d, kk in zip(
+        spatial, k.stride, k.padding, k.dilation, k.kernel_size, strict=True)]
+
+
+_BASIS_CHUNK = 4096  # basis vectors per conv call: bounds the scratch memory beside the FC
+
+
+def as_linear(k: Kernel, spatial: Sequence[int]) -> Kernel:
+    """``k`` on an input of size ``spatial`` as the linear map of the flattened sample
+    (``x.reshape(n, -1)``, channel-major): an ``nd == 0`` kernel ``(O*h'*w', C*h*w / g)``.
+
+    Its column ``j`` is ``k`` (bias 0) applied to the ``j``-th basis vector, computed per group
+    by batched convs; the groups stay (channel-major flattening keeps the blocks) and the bias
+    repeats per output position. Exact always at that input size: the padding, of any mode,
+    becomes part of the index map.
+    """
+    spatial = tuple(spatial)
+    if k.nd == 0 or len(spatial) != k.nd:
+        raise ReparamError(f"as_linear takes a conv and its {k.nd} input sizes, got {spatial}")
+    cropped = [n + 2 * min(p, 0) for n, p in zip(spatial, k.padding, strict=True)]
+    out_size = _output_size(replace(k, padding=tuple(max(p, 0) for p in k.padding)), cropped)
+    if min(out_size) < 1:
+        raise NotExact(f"{k.geometry()} gives no output on an input of size {spatial}")
+    g, dtype, dev = k.groups, k.weight.dtype, k.weight.device
+    per_in, per_out = k.in_channels // g, k.out_channels // g
+    n = per_in * math.prod(spatial)
+    weight = torch.empty(g, per_out * math.prod(out_size), n, dtype=dtype, device=dev)
+    rows = k.weight.shape[0] // g  # one group's slice of dim 0, for a conv and a transposed conv
+    zero = torch.zeros(per_out, dtype=dtype, device=dev)
+    for j in range(g):
+        part = replace(k, weight=k.weight[j * rows:(j + 1) * rows], bias=zero, groups=1)
+        for first in range(0, n, _BASIS_CHUNK):
+            m = min(_BASIS_CHUNK, n - first)
+            basis = torch.zeros(m, n, dtype=dtype, device=dev)
+            basis[torch.arange(m, device=dev), torch.arange(first, first + m, device=dev)] = 1
+            try:
+                y = apply(part, basis.reshape(m, per_in, *spatial))
+            except RuntimeError as e:  # e.g. reflect padding wider than the input
+                raise NotExact(
+                    f"{k.geometry()} does not run on an input of size {spatial}: {e}") from e
+            weight[j, :, first:first + m] = y.reshape(m, -1).T
+    bias = k.bias.repeat_interleave(math.prod(out_size))
+    return Kernel(weight.reshape(-1, n), bias, groups=g)
+
+
+def as_pointwise(k: Kernel, nd: int) -> Kernel:
+    """A linear map (``nd == 0``) as the 1x1 conv over ``nd`` spatial dims that computes it on
+    each position (RepMLP's FC, a grouped 1x1 conv on ``(n, C*h*w, 1, 1)``). Exact always."""
+    if k.nd != 0:
+        raise ReparamError(f"as_pointwise takes a linear map, not {k.geometry()}")
+    ones = (1,) * nd
+    return Kernel(k.weight.reshape(*k.weight.shape, *ones), k.bias, ones, (0,) * nd, ones,
+                  k.groups)
+
+
+# ---------------------------------------------------------------------------------------------
 # Reference evaluation (tests, checks)
 # ---------------------------------------------------------------------------------------------
 
@@ -509,7 +852,15 @@ _CONV_T = {1: torch.nn.functional.conv_transpose1d, 2: torch.nn.functional.conv_
 
 
 def apply(k: Kernel, x: Tensor) -> Tensor:
-    """Run ``k`` on ``x`` with torch's own ops (the reference every law is tested against)."""
+    """Run ``k`` on ``x`` with torch's own ops (the reference every law is tested against).
+
+    A negative padding ``-a`` crops ``a`` positions off both ends of that axis of ``x`` first.
+    """
+    if k.crops and not k.transposed:
+        x = x[(slice(None), slice(None)) + tuple(
+            slice(-p, n + p) if p < 0 else slice(None)
+            for p, n in zip(k.padding, x.shape[2:], strict=True))]
+        k = replace(k, padding=tuple(max(p, 0) for p in k.padding))
     w, b = k.weight.to(x.dtype), k.bias.to(x.dtype)
     if k.nd == 0:
         if k.groups != 1:
