@@ -278,8 +278,10 @@ def test_acblock_paddings() -> None:
     assert b.ver.conv.kernel_size == (3, 1) and b.ver.conv.padding == (1, 0)
     b = ACBlock(4, 4, 3, padding=2)
     assert b.hor.conv.padding == (1, 2) and b.ver.conv.padding == (2, 1)
+    b = ACBlock(4, 4, 5, padding=1)  # padding < K//2: the asymmetric branches read a crop
+    assert b.crop == 1 and b.hor.conv.padding == (0, 1) and b.ver.conv.padding == (1, 0)
     with pytest.raises(ValueError, match="padding"):
-        ACBlock(4, 4, 3, padding=0)
+        ACBlock(4, 4, 3, padding=-1)
     with pytest.raises(ValueError, match="dims"):
         ACBlock(4, 4, 3, dims=1)
 

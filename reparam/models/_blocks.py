@@ -53,10 +53,15 @@ class RepVGGBlock(nn.Module):
         self.se = SqueezeExcite(out_ch, dims=dims) if use_se else None
         self.act = nn.ReLU()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def branches(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum of the branches (before the SE gate and the ReLU)."""
         y = self.square(x) + self.point(x)
         if self.identity is not None:
             y = y + self.identity(x)
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.branches(x)
         if self.se is not None:
             y = self.se(y)
         return self.act(y)
@@ -71,6 +76,12 @@ class ACBlock(nn.Module):
     No activation inside. Branches: ``square`` (KxK), ``ver`` (Kx1, padding ``(p, p - K//2)``) and
     ``hor`` (1xK, padding ``(p - K//2, p)``), where ``p`` is the square's padding (default K//2).
     With ``dims=3`` there is one such branch per axis: ``depth`` (Kx1x1), ``ver``, ``hor``.
+
+    For ``p < K//2`` (the ACNet code's "negative padding") the asymmetric branches pad nothing
+    across their kernel and read a crop of the input instead: ``ver`` (padding ``(p, 0)``) reads
+    ``x[..., c:-c]``, ``hor`` (padding ``(0, p)``) reads ``x[:, :, c:-c, :]``, with
+    ``c = K//2 - p`` (``crop``; in 3-d each branch crops both axes across its kernel). Deploy
+    form, either way: one KxK conv with padding ``p``.
     """
 
     def __init__(
@@ -88,22 +99,28 @@ class ACBlock(nn.Module):
         check_dims(dims, (2, 3))
         check_odd(kernel_size)
         k, p = kernel_size, kernel_size // 2 if padding is None else padding
-        if p < k // 2:
-            raise ValueError(
-                f"ACBlock needs padding >= kernel_size // 2 = {k // 2} so that the asymmetric "
-                f"branches stay aligned with the square one without cropping; got padding={p}"
-            )
+        if p < 0:
+            raise ValueError(f"ACBlock needs padding >= 0, got padding={p}")
+        self.crop = max(0, k // 2 - p)
         self.square = conv_bn(in_ch, out_ch, k, stride, p, groups, dims=dims)
         self.axis_names = _AXIS_NAMES[dims]
         for axis, name in enumerate(self.axis_names):
             shape = tuple(k if a == axis else 1 for a in range(dims))
-            pads = tuple(p if a == axis else p - k // 2 for a in range(dims))
+            pads = tuple(p if a == axis else max(0, p - k // 2) for a in range(dims))
             self.add_module(name, conv_bn(in_ch, out_ch, shape, stride, pads, groups, dims=dims))
+
+    def cropped(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        """``x`` cut by ``crop`` on both sides of every spatial axis but ``axis``."""
+        if not self.crop:
+            return x
+        c, dims = self.crop, len(self.axis_names)
+        return x[(slice(None), slice(None)) +
+                 tuple(slice(None) if a == axis else slice(c, -c) for a in range(dims))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.square(x)
-        for name in self.axis_names:
-            y = y + getattr(self, name)(x)
+        for axis, name in enumerate(self.axis_names):
+            y = y + getattr(self, name)(self.cropped(x, axis))
         return y
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from ._blocks import RepVGGBlock
+
+BlockMaker = Callable[[int, int, int, int], nn.Module]
+"""Builds one RepVGG layer: ``(in_ch, out_ch, stride, groups) -> module``."""
 
 DEPTHS_A = (1, 2, 4, 14, 1)
 DEPTHS_B = (1, 4, 6, 16, 1)
@@ -30,7 +33,9 @@ def grouped_layers(depths: Sequence[int]) -> frozenset[int]:
 
 class RepVGG(nn.Module):
     """A plain stack of ``RepVGGBlock`` in five stages (``stage0`` .. ``stage4``), the first layer
-    of each with stride 2, then global average pooling, flatten and a linear classifier."""
+    of each with stride 2, then global average pooling, flatten and a linear classifier.
+    ``make_block`` builds another kind of layer in place of ``RepVGGBlock`` (e.g. RepVGG-D2se's).
+    """
 
     def __init__(
         self,
@@ -40,6 +45,8 @@ class RepVGG(nn.Module):
         num_classes: int = 1000,
         in_ch: int = 3,
         use_se: bool = False,
+        *,
+        make_block: BlockMaker | None = None,
     ) -> None:
         super().__init__()
         if len(depths) != 5 or len(widths) != 5:
@@ -50,7 +57,9 @@ class RepVGG(nn.Module):
             layers = []
             for i in range(depth):
                 g = groups if index in grouped else 1
-                layers.append(RepVGGBlock(ch, width, 3, 2 if i == 0 else 1, g, use_se))
+                stride = 2 if i == 0 else 1
+                layers.append(RepVGGBlock(ch, width, 3, stride, g, use_se) if make_block is None
+                              else make_block(ch, width, stride, g))
                 index, ch = index + 1, width
             self.add_module(f"stage{s}", nn.Sequential(*layers))
         self.pool = nn.AdaptiveAvgPool2d(1)
