@@ -30,7 +30,10 @@ def grouped_layers(depths: Sequence[int]) -> frozenset[int]:
 
 class RepVGG(nn.Module):
     """A plain stack of ``RepVGGBlock`` in five stages (``stage0`` .. ``stage4``), the first layer
-    of each with stride 2, then global average pooling, flatten and a linear classifier."""
+    of each with stride 2, then global average pooling, flatten and a linear classifier.
+
+    ``default_input_size`` is the paper's ImageNet input, ``(in_ch, 224, 224)``: what
+    ``reparam.fold`` traces and measures on when it is given no example inputs."""
 
     def __init__(
         self,
@@ -42,6 +45,7 @@ class RepVGG(nn.Module):
         use_se: bool = False,
     ) -> None:
         super().__init__()
+        self.default_input_size = (in_ch, 224, 224)  # the paper's ImageNet size
         if len(depths) != 5 or len(widths) != 5:
             raise ValueError("RepVGG has five stages: give five depths and five widths")
         grouped = grouped_layers(depths) if groups > 1 else frozenset()
