@@ -214,6 +214,16 @@ def _shapes(inputs: tuple | None) -> str:
     return ", ".join("x".join(map(str, t.shape)) for t in inputs)
 
 
+def _input_source(model: nn.Module) -> str:
+    """Where an input shape nobody gave came from (as ``reparam.trace.guess_inputs`` picks)."""
+    if getattr(model, "default_input_size", None):
+        return "the model's default_input_size"
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        return "timm's input_size for the model"
+    return "guessed from the first layer"
+
+
 def _size(path: Path) -> str:
     size = path.stat().st_size
     for unit in ("B", "KB", "MB"):
@@ -260,7 +270,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
     params = (f"{report.params_before:,} -> {report.params_after:,}")
     if report.params_before:
         params += f" ({report.params_after / report.params_before - 1:+.1%})"
-    guessed = "" if args.input_shape else " (guessed; set it with --input-shape)"
+    guessed = "" if args.input_shape else f" ({_input_source(model)}; set it with --input-shape)"
     macs = _macs(model, folded, inputs)
     lines = [
         f"folded {args.spec} ({type(model).__name__})",

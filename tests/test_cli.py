@@ -380,6 +380,7 @@ def test_unknown_output_extension_is_refused_before_any_work(in_process, safe_ti
 
 
 def test_fold_writes_the_format_the_extension_names(in_process, safe_tiny, tmp_path, tiny):
+    safetensors = pytest.importorskip("safetensors.torch")
     model = torch.load(tiny, weights_only=False)
     x = torch.randn(1, 4, 16, 16)
     loaders = {
@@ -394,7 +395,5 @@ def test_fold_writes_the_format_the_extension_names(in_process, safe_tiny, tmp_p
         if load is not None:
             with torch.no_grad():
                 assert close(load(tmp_path / name)(x), model(x))
-    from safetensors.torch import load_file
-
-    weights = load_file(str(tmp_path / "deploy.safetensors"))
+    weights = safetensors.load_file(str(tmp_path / "deploy.safetensors"))
     assert not any("bn" in k for k in weights) and len(weights) == 4  # two convs, with biases
