@@ -316,12 +316,17 @@ GAP = 22  # horizontal gap between boxes
 CHAR = 7.0  # approximate advance of a 12px character
 
 
+def _round(data: dict) -> bool:
+    """A merge drawn as a circle (or, with many inputs, a pill) holding its symbol."""
+    return not data.get("dummy") and data["kind"] == "merge" and len(data["label"]) <= 2
+
+
 def _width(graph: nx.DiGraph, n) -> float:
     data = graph.nodes[n]
     if data.get("dummy"):
         return 8.0
-    if data["kind"] == "merge" and len(data["label"]) <= 2:
-        return 2.0 * RADIUS
+    if _round(data):  # a circle; a pill wide enough to keep many arrows apart
+        return 2.0 * RADIUS + 14.0 * max(0, graph.in_degree(n) - 3)
     return max(len(data["label"]) * CHAR, len(data["detail"]) * CHAR * 0.85) + 18
 
 
@@ -446,17 +451,43 @@ def _e(text: object) -> str:
 def _half_height(data: dict) -> float:
     if data.get("dummy"):
         return 0.0
-    if data["kind"] == "merge" and len(data["label"]) <= 2:
+    if _round(data):
         return RADIUS
     return HEIGHT / 2
 
 
+def _arrivals(lay: Layout) -> dict[int, float]:
+    """Where each edge meets its target, as an x offset from the target's centre: the edges into
+    one node spread over its top in the order of where they come from, so that the arrows into
+    a sum of several branches stay apart."""
+    into: dict = {}
+    for i, chain in enumerate(lay.edges):
+        into.setdefault(chain[-1], []).append(i)
+    offsets: dict[int, float] = {}
+    for target, edges in into.items():
+        if len(edges) < 2:
+            continue
+        data, width = lay.graph.nodes[target], _width(lay.graph, target)
+        half = (width / 2 - RADIUS * 0.25 if _round(data) and width > 2 * RADIUS
+                else RADIUS * 0.75 if _round(data) else width * 0.3)
+        edges.sort(key=lambda i: lay.x[lay.edges[i][-2]])
+        for k, i in enumerate(edges):
+            offsets[i] = half * (2 * k / (len(edges) - 1) - 1)
+    return offsets
+
+
 def _panel(lay: Layout, dx: float, dy: float) -> list[str]:
     g, out = lay.graph, []
-    for chain in lay.edges:
+    offsets = _arrivals(lay)
+    for i, chain in enumerate(lay.edges):
         pts = [(lay.x[n] + dx, lay.y[n] + dy) for n in chain]
         pts[0] = (pts[0][0], pts[0][1] + _half_height(g.nodes[chain[0]]))
-        pts[-1] = (pts[-1][0], pts[-1][1] - _half_height(g.nodes[chain[-1]]) - 2)
+        shift = offsets.get(i, 0.0)
+        drop = _half_height(g.nodes[chain[-1]])
+        flat = _width(g, chain[-1]) / 2 - RADIUS  # the straight part of a pill's top
+        if _round(g.nodes[chain[-1]]) and abs(shift) > flat:  # on the rounded part
+            drop = (RADIUS ** 2 - min(abs(shift) - flat, RADIUS) ** 2) ** 0.5
+        pts[-1] = (pts[-1][0] + shift, pts[-1][1] - drop - 2)
         d = f"M{pts[0][0]:.1f},{pts[0][1]:.1f}"
         for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
             mid = (y1 - y0) / 2
@@ -468,8 +499,12 @@ def _panel(lay: Layout, dx: float, dy: float) -> list[str]:
         cx, cy = lay.x[n] + dx, lay.y[n] + dy
         fill, stroke = COLOURS[data["kind"]]
         tip = f"<title>{_e(n)}</title>"
-        if data["kind"] == "merge" and len(data["label"]) <= 2:
-            out.append(f'<g class="op">{tip}<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{RADIUS}" '
+        if _round(data):
+            w = _width(g, n)
+            shape = (f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{RADIUS}" ' if w <= 2 * RADIUS
+                     else f'<rect x="{cx - w / 2:.1f}" y="{cy - RADIUS:.1f}" width="{w:.1f}" '
+                          f'height="{2 * RADIUS}" rx="{RADIUS}" ')
+            out.append(f'<g class="op">{tip}{shape}'
                        f'fill="{fill}" stroke="{stroke}"/>'
                        f'<text x="{cx:.1f}" y="{cy + 5:.1f}" font-size="16">'
                        f'{_e(data["label"])}</text></g>')
