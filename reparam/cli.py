@@ -99,7 +99,8 @@ def load_model(spec: str, *, seed: int = 0, eval_mode: bool = False, trust_pickl
         raise ReparamError(f"'{spec}' is neither a file nor a builder; SPEC is {SPEC_HELP}")
     if weights is not None:
         load_weights(model, Path(weights), spec)
-    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+    training = [name or type(model).__name__ for name, m in model.named_modules()
+                if m.training and type(m) is not nn.Module]  # not a graph module's bare holders
     if training:
         raise ReparamError(
             f"{spec} holds a module in training mode ({training[0]}); save it after "
@@ -314,9 +315,10 @@ def print_report(report: Report) -> None:
                 console.print(line, markup=False)
             for table in report.tables():
                 view = Table(title=table.title or None, title_justify="left")
+                last = len(table.columns) - 1  # only the rules or reasons wrap
                 for i, column in enumerate(table.columns):
                     view.add_column(column, justify="right" if i in table.right else "left",
-                                    overflow="fold")
+                                    no_wrap=i < last, overflow="fold")
                 for row in table.rows:
                     view.add_row(*row)
                 console.print(view)

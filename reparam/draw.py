@@ -62,14 +62,22 @@ def _graph_block(model: fx.GraphModule, path: str
     from torch.fx.passes.utils.fuser_utils import fuse_as_graphmodule
 
     gm = fx.GraphModule(model, copy.deepcopy(model.graph))
-    nodes = [n for n in gm.graph.nodes
-             if n.op in ("call_module", "call_function", "call_method")
-             and _under(_module_path(n), path)]
+    nodes: dict[fx.Node, None] = {}  # in graph order
+    for n in gm.graph.nodes:
+        if n.op not in ("call_module", "call_function", "call_method"):
+            continue
+        where = _module_path(n)
+        data = [i for i in n.all_input_nodes if i.op != "get_attr"]
+        # a function with no recorded path (a reloaded graph module keeps none) belongs to the
+        # block when everything it reads is computed there: the sums of its branches
+        if _under(where, path) or not where and data and all(i in nodes for i in data):
+            nodes[n] = None
     if len(nodes) < 2:
         return None
     chosen = set(nodes)
-    nodes += [n for n in gm.graph.nodes if n.op == "get_attr" and n.users
-              and all(u in chosen for u in n.users)]  # the block's own parameters
+    nodes.update(dict.fromkeys(n for n in gm.graph.nodes if n.op == "get_attr" and n.users
+                               and all(u in chosen for u in n.users)))  # its own parameters
+    nodes = list(nodes)
     kind = next((cls.__name__ for n in nodes for key, (_, cls) in
                  (n.meta.get("nn_module_stack") or {}).items() if key == path), "block")
     try:

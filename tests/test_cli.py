@@ -9,6 +9,7 @@ route, ``--weights``), and as a module pickled with ``torch.save`` (loaded only 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -397,3 +398,18 @@ def test_fold_writes_the_format_the_extension_names(in_process, safe_tiny, tmp_p
                 assert close(load(tmp_path / name)(x), model(x))
     weights = safetensors.load_file(str(tmp_path / "deploy.safetensors"))
     assert not any("bn" in k for k in weights) and len(weights) == 4  # two convs, with biases
+
+
+def test_explain_draws_a_rich_table_on_a_terminal(in_process, safe_tiny, monkeypatch):
+    pytest.importorskip("rich")
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    status, out, _ = in_process("explain", *safe_tiny, "--input-shape", "1,4,16,16")
+    out = re.sub(r"\x1b\[[0-9;]*m", "", out)  # without the terminal's bold
+    assert status == 0 and out.startswith("reparam: 2 regions folded")
+    assert "┃ module" in out and "│ 1.square.conv " in out  # a real table, with borders
+    for name in ("rich", "rich.console", "rich.table"):  # without rich: the plain text
+        monkeypatch.setitem(sys.modules, name, None)
+    status, plain, _ = in_process("explain", *safe_tiny, "--input-shape", "1,4,16,16")
+    assert status == 0 and "┃" not in plain
+    header = next(line for line in plain.splitlines() if line.startswith("module"))
+    assert header.split() == ["module", "folded", "nodes", "params", "MACs", "rules"]

@@ -3,6 +3,8 @@ cat, the input shape stated, and op counts that agree with ``fold`` and ``explai
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from helpers import randomize_bn
@@ -22,12 +24,21 @@ from reparam.models import (
 X = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
 
+def reloaded(module: nn.Module) -> nn.Module:
+    """``module`` through torch.save and torch.load (a graph module loses its nodes' meta)."""
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False).eval()
+
+
 @pytest.mark.parametrize(("build", "block"), [
     (repvgg_a0, "stage1.1"),                       # the first block with an identity branch
     (mobileone_s0, "stage2.1.depthwise"),          # four 3x3 branches, a 1x1 and an identity
     (dbb_resnet18, "layer1.0.conv1"),              # a DBB block inside a basic block
     (lambda: nn.Sequential(conv_bn(3, 8, 3, 1, 1), nn.ReLU(), conv_bn(8, 8, 3, 1, 1)), "0"),
     (lambda: fx.symbolic_trace(repvgg_a0().eval()), "stage1.1"),  # a flat graph module
+    (lambda: reloaded(fx.symbolic_trace(repvgg_a0().eval())), "stage1.1"),  # without its meta
 ])
 def test_the_default_block_is_the_smallest_submodule_holding_a_region(build, block):
     model = build().eval()
