@@ -2,10 +2,12 @@
 
     folded = reparam.fold(model)            # a new torch.fx.GraphModule
     report = reparam.explain(model)         # what folded, what did not, and why
+    reparam.save(folded, "deploy.onnx")     # .pt, .pt2, .onnx, .ts or .safetensors
 """
 
 from . import kernel, rules
 from .api import count_macs, count_ops, explain, fold, max_error
+from .deploy import save
 from .errors import CheckError, ReparamError, TraceError
 from .kernel import NotExact
 from .report import Leftover, Region, Report
@@ -17,7 +19,7 @@ __all__ = [
     "CheckError", "Leftover", "NoFold", "NotExact", "Region", "ReparamError", "Report", "Rule",
     "TraceError",
     "count_macs", "count_ops", "explain", "fold", "kernel", "law", "max_error", "models", "rule",
-    "rules",
+    "rules", "save",
 ]
 
 

@@ -1,10 +1,12 @@
 """The ``reparam`` command line (also ``python -m reparam``): fold, explain and draw a model.
 
-A model is named by a SPEC: a file written by ``torch.save(module)``, a builder
-``package.module:function`` (called with no arguments, e.g. ``reparam.models:repvgg_a0``), or
-``timm:NAME`` (``timm.create_model(NAME, pretrained=False)``). Errors are one line on stderr
-(``reparam: error: ...``) with exit status 1, or 2 for a malformed command line; ``--debug``
-prints the traceback too.
+A model is named by a SPEC: a builder ``package.module:function`` (called with no arguments, e.g.
+``reparam.models:repvgg_a0``; ``--weights FILE`` loads a state_dict into it), ``timm:NAME``
+(``timm.create_model(NAME, pretrained=False)``), or a file written by ``torch.save(module)``,
+which is loaded only with ``--trust-pickle`` (loading it runs code pickled in it). Files are read
+with ``torch.load(..., weights_only=True)`` otherwise. ``fold -o OUT`` writes the format OUT's
+extension names (``reparam.save``). Errors are one line on stderr (``reparam: error: ...``) with
+exit status 1, or 2 for a malformed command line; ``--debug`` prints the traceback too.
 """
 
 from __future__ import annotations
@@ -26,15 +28,18 @@ from torch import fx, nn
 
 from . import __version__, rules
 from .api import count_macs, fold, max_error
+from .deploy import HOW_TO_LOAD, format_of, save
 from .errors import ReparamError
+from .files import load_weights, read_model
 from .ops import dtype_of, shape_of
 from .report import Report
 
 RULE_SETS = {"repvgg": rules.REPVGG, "acnet": rules.ACNET, "dbb": rules.DBB, "all": rules.ALL}
 
-SPEC_HELP = ("a saved module file (torch.save(model, FILE); loading runs pickled code, so only "
-             "load files you trust), a builder package.module:function called with no arguments "
-             "(e.g. reparam.models:repvgg_a0), or timm:NAME")
+SPEC_HELP = ("a builder package.module:function called with no arguments (e.g. "
+             "reparam.models:repvgg_a0; --weights FILE loads a state_dict into it), timm:NAME, "
+             "or a module saved with torch.save(model, FILE) (loading it runs code pickled in "
+             "it: only with --trust-pickle)")
 
 
 # --- progress ---------------------------------------------------------------------------------
@@ -69,49 +74,41 @@ def progress(label: str) -> Iterator[None]:
 
 # --- loading a model --------------------------------------------------------------------------
 
-def load_model(spec: str, *, seed: int = 0, eval_mode: bool = False) -> nn.Module:
+def warn(message: str) -> None:
+    print(f"reparam: warning: {message}", file=sys.stderr)
+
+
+def load_model(spec: str, *, seed: int = 0, eval_mode: bool = False, trust_pickle: bool = False,
+               weights: str | None = None) -> nn.Module:
     """The module a SPEC names. Builders and timm models are put in eval mode; a saved file is
-    taken as it is (``eval_mode=True`` switches it too)."""
+    taken as it is (``eval_mode=True`` switches it too). A pickled module is loaded only with
+    ``trust_pickle``; ``weights`` is a state_dict file loaded into the module, strictly."""
     if str(Path.cwd()) not in sys.path and "" not in sys.path:
         sys.path.insert(0, str(Path.cwd()))  # builders and pickled classes of the current folder
     torch.manual_seed(seed)  # the same SPEC and seed give the same weights and random inputs
     path = Path(spec)
-    if path.is_file():
-        model = _load_file(path)
+    if path.exists():
+        model = read_model(path, trust_pickle=trust_pickle, warn=warn)
         if eval_mode:
             model.eval()
-        training = [name or type(model).__name__ for name, m in model.named_modules()
-                    if m.training]
-        if training:
-            raise ReparamError(
-                f"{spec} holds a module in training mode ({training[0]}); save it after "
-                "model.eval(), or pass --eval to switch it to eval mode here")
-        return model
-    if spec.startswith("timm:"):
-        model = _timm_model(spec[len("timm:"):])
-    elif ":" in spec:
-        model = _build(spec)
+    elif spec.startswith("timm:"):
+        model = _timm_model(spec[len("timm:"):]).eval()
+    elif ":" in spec and not spec.endswith(FILE_SUFFIXES):
+        model = _build(spec).eval()
     else:
         raise ReparamError(f"'{spec}' is neither a file nor a builder; SPEC is {SPEC_HELP}")
-    return model.eval()
+    if weights is not None:
+        load_weights(model, Path(weights), spec)
+    training = [name or type(model).__name__ for name, m in model.named_modules()
+                if m.training and type(m) is not nn.Module]  # not a graph module's bare holders
+    if training:
+        raise ReparamError(
+            f"{spec} holds a module in training mode ({training[0]}); save it after "
+            "model.eval(), or pass --eval to switch it to eval mode here")
+    return model
 
 
-def _load_file(path: Path) -> nn.Module:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except (AttributeError, ModuleNotFoundError) as e:
-        raise ReparamError(
-            f"cannot load {path}: {e}; the classes the module was saved with must be importable "
-            "(run from their folder or add it to PYTHONPATH)") from e
-    except Exception as e:  # noqa: BLE001 - unpickling can fail in many ways
-        raise ReparamError(f"cannot load {path}: {type(e).__name__}: {e}") from e
-    if isinstance(obj, dict):
-        raise ReparamError(
-            f"{path} holds a dict (a state_dict?), not a module: save the module itself with "
-            "torch.save(model, FILE), or name a builder package.module:function")
-    if not isinstance(obj, nn.Module):
-        raise ReparamError(f"{path} holds a {type(obj).__name__}, not a torch.nn.Module")
-    return obj
+FILE_SUFFIXES = (".pt", ".pth", ".pt2", ".onnx", ".ts", ".safetensors", ".pkl", ".bin")
 
 
 def _timm_model(name: str) -> nn.Module:
@@ -218,6 +215,16 @@ def _shapes(inputs: tuple | None) -> str:
     return ", ".join("x".join(map(str, t.shape)) for t in inputs)
 
 
+def _input_source(model: nn.Module) -> str:
+    """Where an input shape nobody gave came from (as ``reparam.trace.guess_inputs`` picks)."""
+    if getattr(model, "default_input_size", None):
+        return "the model's default_input_size"
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        return "timm's input_size for the model"
+    return "guessed from the first layer"
+
+
 def _size(path: Path) -> str:
     size = path.stat().st_size
     for unit in ("B", "KB", "MB"):
@@ -235,31 +242,36 @@ def _dtype(module: nn.Module) -> str:
 def _output(path: str) -> Path:
     """The output path, checked before the work rather than after it."""
     out = Path(path)
+    if out.is_dir():
+        raise ReparamError(f"cannot write {out}: it is a folder; name a file")
     if not out.parent.is_dir():
         raise ReparamError(f"cannot write {out}: the folder {out.parent} does not exist")
     return out
 
 
+def _load(args: argparse.Namespace) -> nn.Module:
+    with progress(f"loading {args.spec}"):
+        return load_model(args.spec, seed=args.seed, eval_mode=args.eval,
+                          trust_pickle=args.trust_pickle, weights=args.weights)
+
+
 def cmd_fold(args: argparse.Namespace) -> int:
     out = _output(args.output)
-    with progress(f"loading {args.spec}"):
-        model = load_model(args.spec, seed=args.seed, eval_mode=args.eval)
+    suffix = format_of(out)
+    model = _load(args)
     start = time.perf_counter()
     with progress("tracing, folding" + (" and checking in float64" if args.check else "")):
         folded, report, inputs = fold_and_measure(model, args, check=args.check)
     wall = time.perf_counter() - start
     with progress(f"saving {out}"):
-        try:
-            torch.save(folded, out)
-        except (OSError, RuntimeError) as e:  # torch.save raises RuntimeError for some paths
-            raise ReparamError(f"cannot write {out}: {e}") from e
+        save(folded, out, inputs)
     before, after = report.ops_before, report.ops_after
     ops = ", ".join(f"{k} {before.get(k, 0)} -> {after.get(k, 0)}"
                     for k in sorted(set(before) | set(after)))
     params = (f"{report.params_before:,} -> {report.params_after:,}")
     if report.params_before:
         params += f" ({report.params_after / report.params_before - 1:+.1%})"
-    guessed = "" if args.input_shape else " (guessed; set it with --input-shape)"
+    guessed = "" if args.input_shape else f" ({_input_source(model)}; set it with --input-shape)"
     macs = _macs(model, folded, inputs)
     lines = [
         f"folded {args.spec} ({type(model).__name__})",
@@ -279,7 +291,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
     if args.check:
         lines.append("  check     passed: a float64 fold matches the float64 original")
     lines.append(f"  saved     {out} ({_size(out)}); load it with "
-                 "torch.load(FILE, weights_only=False)")
+                 + HOW_TO_LOAD[suffix].replace("FILE", repr(str(out))))
     for x in report.leftovers[:3]:
         lines.append(f"  left      {x.node} ({x.op}): {x.reason}")
     if len(report.leftovers) > 3 or report.untraced:
@@ -288,12 +300,37 @@ def cmd_fold(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_report(report: Report) -> None:
+    """The report on stdout: a rich table on a terminal (where rich is installed), else the
+    plain text of ``str(report)``."""
+    if sys.stdout.isatty():
+        try:
+            from rich.console import Console
+            from rich.table import Table
+        except ImportError:
+            pass
+        else:
+            console = Console(highlight=False)
+            for line in report.summary():
+                console.print(line, markup=False)
+            for table in report.tables():
+                view = Table(title=table.title or None, title_justify="left")
+                last = len(table.columns) - 1  # only the rules or reasons wrap
+                for i, column in enumerate(table.columns):
+                    view.add_column(column, justify="right" if i in table.right else "left",
+                                    no_wrap=i < last, overflow="fold")
+                for row in table.rows:
+                    view.add_row(*row)
+                console.print(view)
+            return
+    print(report)
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
-    with progress(f"loading {args.spec}"):
-        model = load_model(args.spec, seed=args.seed, eval_mode=args.eval)
+    model = _load(args)
     with progress("tracing and folding"):
         _, report, _ = fold_and_measure(model, args)
-    print(report)
+    print_report(report)
     return 0
 
 
@@ -301,8 +338,7 @@ def cmd_draw(args: argparse.Namespace) -> int:
     from . import draw  # networkx is imported only to draw
 
     out = _output(args.output)
-    with progress(f"loading {args.spec}"):
-        model = load_model(args.spec, seed=args.seed, eval_mode=args.eval)
+    model = _load(args)
     with progress("tracing and folding"):
         inputs = make_inputs(model, args.input_shape)
         path = args.block
@@ -374,6 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "tensors, where more threads cost more time than they save)")
     common.add_argument("--eval", action="store_true",
                         help="switch a module loaded from a file to eval mode")
+    common.add_argument("--weights", metavar="FILE",
+                        help="a state_dict (torch.save(model.state_dict(), FILE), or "
+                             ".safetensors) to load into the model SPEC builds, strictly; read "
+                             "without running pickled code")
+    common.add_argument("--trust-pickle", action="store_true",
+                        help="load a module pickled with torch.save(model, FILE): this runs "
+                             "code pickled in the file, so only for files you trust")
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -381,9 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fold", parents=[common], help="fold a model and save it",
                        description="Fold every exactly-mergeable linear region and save the "
-                                   "folded module with torch.save.")
+                                   "folded model in the format OUT's extension names.")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
-                   help="where to save the folded module")
+                   help="where to save the folded model: OUT.pt (torch.save), OUT.pt2 "
+                        "(torch.export), OUT.onnx, OUT.ts (TorchScript) or OUT.safetensors "
+                        "(the state_dict)")
     p.add_argument("--check", action="store_true",
                    help="also fold a float64 copy and compare it with the float64 original "
                         "(fails naming the first region that diverges)")

@@ -9,6 +9,7 @@ box placed as near the middle of its neighbours as the order allows. The SVG is 
 
 from __future__ import annotations
 
+import copy
 import html
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,10 +18,10 @@ import networkx as nx
 import torch
 from torch import fx, nn
 
-from .api import fold
+from .api import count_ops, fold
 from .errors import ReparamError
 from .ops import describe
-from .report import Report
+from .report import Report, shape_text
 from .rules import ALL
 from .trace import light_copy, trace
 from .values import Rule
@@ -36,29 +37,136 @@ def _module_path(node: fx.Node) -> str:
     return list(stack.values())[-1][0] if stack else ""
 
 
-def block_of(model: nn.Module, report: Report) -> str:
-    """The path of the smallest submodule holding the first of the largest folded regions."""
-    if not report.regions:
-        raise ReparamError(f"nothing folds in {type(model).__name__}, so there is no block to "
-                           "draw; pass --block PATH to draw one anyway")
-    region = max(report.regions, key=lambda r: len(r.replaced))  # the first of the largest
+def _node_paths(model: nn.Module) -> dict[str, str]:
+    """Each graph node's module path. A graph module keeps the paths its own tracing recorded
+    (a re-trace of it would see only its flat forward)."""
+    if isinstance(model, fx.GraphModule):
+        return {n.name: _module_path(n) for n in model.graph.nodes}
     try:
         gm, _ = trace(lambda: light_copy(model))
-        paths = {n.name: _module_path(n) for n in gm.graph.nodes}
     except ReparamError:
-        paths = {}
-    parts = [paths[n].split(".") if paths[n] else [] for n in region.replaced if n in paths]
-    if not parts:  # names from a submodule folded on its own: start from the main branch
-        return region.name.rsplit(".", 1)[0] if "." in region.name else ""
+        return {}
+    return {n.name: _module_path(n) for n in gm.graph.nodes}
+
+
+def _under(node_path: str, path: str) -> bool:
+    return node_path == path or node_path.startswith(path + ".")
+
+
+def _graph_block(model: fx.GraphModule, path: str
+                 ) -> tuple[fx.GraphModule, fx.GraphModule, tuple, str] | None:
+    """The ops of a graph module that its tracing recorded under ``path``, as a graph module of
+    their own: ``(module, a copy of the whole, the copy's nodes it reads, the class name
+    recorded for path)``, or ``None`` where fewer than two ops are there or they do not form one
+    block. (Taken from a copy of the graph: the caller's stays as it is.)"""
+    from torch.fx.passes.utils.fuser_utils import fuse_as_graphmodule
+
+    gm = fx.GraphModule(model, copy.deepcopy(model.graph))
+    nodes: dict[fx.Node, None] = {}  # in graph order
+    for n in gm.graph.nodes:
+        if n.op not in ("call_module", "call_function", "call_method"):
+            continue
+        where = _module_path(n)
+        data = [i for i in n.all_input_nodes if i.op != "get_attr"]
+        # a function with no recorded path (a reloaded graph module keeps none) belongs to the
+        # block when everything it reads is computed there: the sums of its branches
+        if _under(where, path) or not where and data and all(i in nodes for i in data):
+            nodes[n] = None
+    if len(nodes) < 2:
+        return None
+    chosen = set(nodes)
+    nodes.update(dict.fromkeys(n for n in gm.graph.nodes if n.op == "get_attr" and n.users
+                               and all(u in chosen for u in n.users)))  # its own parameters
+    nodes = list(nodes)
+    kind = next((cls.__name__ for n in nodes for key, (_, cls) in
+                 (n.meta.get("nn_module_stack") or {}).items() if key == path), "block")
+    try:
+        sub, reads, _ = fuse_as_graphmodule(gm, nodes, "block")
+    except Exception:  # noqa: BLE001 - not one convex block of the graph
+        return None
+    sub.train(model.training)
+    return sub, gm, reads, kind
+
+
+def _drawable(model: nn.Module, path: str) -> bool:
+    """Whether ``model.<path>`` is a block to draw: a submodule with a forward of its own that
+    holds more than one op, or, in a graph module (whose intermediate paths are bare
+    ``nn.Module`` holders), the ops its tracing recorded under that path."""
+    module = model.get_submodule(path)
+    if type(module).forward is not nn.Module.forward:
+        return any(True for _ in module.children())
+    return isinstance(model, fx.GraphModule) and _graph_block(model, path) is not None
+
+
+def _common_path(paths: list[str]) -> str:
+    parts = [p.split(".") for p in paths]
     common: list[str] = []
     for names in zip(*parts, strict=False):
         if len(set(names)) > 1:
             break
         common.append(names[0])
-    path = ".".join(common)
-    if path and not any(True for _ in model.get_submodule(path).children()):
-        path = path.rsplit(".", 1)[0] if "." in path else ""  # one op alone: show its parent
-    return path
+    return ".".join(common)
+
+
+def block_of(model: nn.Module, report: Report) -> str:
+    """The path of the block to draw: the smallest submodule holding the first of the largest
+    folded regions (``""``, the whole model, only where no submodule holds one).
+
+    A region's ops written as functions at the top level of a flat forward (the adds of a
+    traced graph module) carry no module path and do not widen it to the whole model."""
+    if not report.regions:
+        raise ReparamError(f"nothing folds in {type(model).__name__}, so there is no block to "
+                           "draw; pass --block PATH to draw one anyway")
+    paths = _node_paths(model)
+    ranked = sorted(report.regions, key=lambda r: -len(r.replaced))  # stable: first of largest
+    for region in ranked:
+        inside = [paths[n] for n in region.replaced if paths.get(n)]
+        if not inside:  # names from a submodule folded on its own: its parent
+            path = region.name.rsplit(".", 1)[0] if "." in region.name else ""
+        else:
+            path = _common_path(inside)
+        while path and not _drawable(model, path):  # one op alone, or a bare holder: go up
+            path = path.rsplit(".", 1)[0] if "." in path else ""
+        if path:
+            return path
+    return ""
+
+
+class _Reads(fx.Interpreter):
+    """Runs a graph module and keeps the values of some of its nodes."""
+
+    def __init__(self, gm: fx.GraphModule, keep: set[fx.Node]) -> None:
+        super().__init__(gm)
+        self.keep, self.seen = keep, {}
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if n in self.keep:
+            self.seen[n] = out.detach().clone() if isinstance(out, torch.Tensor) else out
+        return out
+
+
+def _block(model: nn.Module, path: str, inputs: tuple | None
+           ) -> tuple[nn.Module, tuple | None, str]:
+    """``(the block at path, what it receives from inputs, its class name)``."""
+    try:
+        block = model.get_submodule(path)
+    except AttributeError as e:
+        raise ReparamError(f"{type(model).__name__} has no submodule '{path}'") from e
+    if (not path or type(block).forward is not nn.Module.forward
+            or not isinstance(model, fx.GraphModule)):
+        return block, _block_inputs(model, path, inputs), type(block).__name__
+    found = _graph_block(model, path)
+    if found is None:
+        raise ReparamError(f"'{path}' holds no block of ops in this graph module; pass --block "
+                           "naming another submodule")
+    sub, whole, reads, kind = found
+    if inputs is None:
+        return sub, None, kind
+    run = _Reads(whole, set(reads))
+    with torch.no_grad():
+        run.run(*inputs)
+    return sub, tuple(run.seen[n] for n in reads), kind
 
 
 def _block_inputs(model: nn.Module, path: str, inputs: tuple | None) -> tuple | None:
@@ -143,12 +251,42 @@ def label(node: fx.Node, gm: fx.GraphModule, modules: dict[str, nn.Module]
     return op.kind, "", "other"
 
 
-def op_graph(gm: fx.GraphModule) -> nx.DiGraph:
+def _merge_key(op) -> tuple | None:
+    """What makes two nested merges one: a sum with a sum, a cat with a cat on the same dim."""
+    if op is None:
+        return None
+    if op.kind == "add" and op.attrs.get("alpha", 1) == 1:
+        return ("add",)
+    if op.kind == "cat":
+        return ("cat", op.attrs.get("dim"))
+    return None
+
+
+def _flatten_merges(graph: nx.DiGraph, inputs: list[str], merge: tuple,
+                    users: dict[str, int]) -> list[str]:
+    """``inputs`` with each drawn merge of the same key that only this node reads replaced by
+    that merge's own inputs (removed from the graph), recursively: a chain of pairwise adds
+    becomes one sum of all its terms, in their order."""
+    flat: list[str] = []
+    for x in inputs:
+        if graph.has_node(x) and graph.nodes[x].get("merge") == merge and users.get(x) == 1:
+            flat += [p for p in graph.nodes[x]["terms"]]
+            graph.remove_node(x)
+        else:
+            flat.append(x)
+    return flat
+
+
+def op_graph(gm: fx.GraphModule, input_shapes: Sequence[tuple[int, ...]] = ()) -> nx.DiGraph:
     """The data flow of ``gm`` from its inputs to its output, each node with ``label``,
     ``detail``, ``kind`` and ``order``. Parameters, constant arithmetic, identities
     (``nn.Identity``, dropout in eval, ``contiguous``) and what the output does not depend on
-    (shape assertions) are left out, as the papers draw blocks."""
+    (shape assertions) are left out, as the papers draw blocks; a chain of sums (``a + b + c``)
+    is one sum, a cat of a cat on the same axis one cat. The inputs are labelled with
+    ``input_shapes`` where given."""
     modules = dict(gm.named_modules())
+    shapes = [shape_text(s) for s in input_shapes]
+    users = {n.name: len(n.users) for n in gm.graph.nodes}
     graph = nx.DiGraph()
     shown: dict[fx.Node, str] = {}  # node -> the drawn node that stands for its value
     outputs = []
@@ -164,7 +302,13 @@ def op_graph(gm: fx.GraphModule) -> nx.DiGraph:
         if node.op == "output":
             outputs.append(node.name)
         text, detail, kind = label(node, gm, modules)
-        graph.add_node(node.name, label=text, detail=detail, kind=kind, order=i)
+        if node.op == "placeholder" and shapes:
+            detail = shapes.pop(0)
+        merge = _merge_key(op)
+        if merge is not None:  # a + b + c: one "+" with all its inputs, not a chain of them
+            inputs = _flatten_merges(graph, inputs, merge, users)
+        graph.add_node(node.name, label=text, detail=detail, kind=kind, order=i, merge=merge,
+                       terms=list(dict.fromkeys(inputs)))
         for x in dict.fromkeys(inputs):
             graph.add_edge(x, node.name)
     keep = set(outputs).union(*(nx.ancestors(graph, n) for n in outputs))
@@ -180,12 +324,17 @@ GAP = 22  # horizontal gap between boxes
 CHAR = 7.0  # approximate advance of a 12px character
 
 
+def _round(data: dict) -> bool:
+    """A merge drawn as a circle (or, with many inputs, a pill) holding its symbol."""
+    return not data.get("dummy") and data["kind"] == "merge" and len(data["label"]) <= 2
+
+
 def _width(graph: nx.DiGraph, n) -> float:
     data = graph.nodes[n]
     if data.get("dummy"):
         return 8.0
-    if data["kind"] == "merge" and len(data["label"]) <= 2:
-        return 2.0 * RADIUS
+    if _round(data):  # a circle; a pill wide enough to keep many arrows apart
+        return 2.0 * RADIUS + 14.0 * max(0, graph.in_degree(n) - 3)
     return max(len(data["label"]) * CHAR, len(data["detail"]) * CHAR * 0.85) + 18
 
 
@@ -310,17 +459,43 @@ def _e(text: object) -> str:
 def _half_height(data: dict) -> float:
     if data.get("dummy"):
         return 0.0
-    if data["kind"] == "merge" and len(data["label"]) <= 2:
+    if _round(data):
         return RADIUS
     return HEIGHT / 2
 
 
+def _arrivals(lay: Layout) -> dict[int, float]:
+    """Where each edge meets its target, as an x offset from the target's centre: the edges into
+    one node spread over its top in the order of where they come from, so that the arrows into
+    a sum of several branches stay apart."""
+    into: dict = {}
+    for i, chain in enumerate(lay.edges):
+        into.setdefault(chain[-1], []).append(i)
+    offsets: dict[int, float] = {}
+    for target, edges in into.items():
+        if len(edges) < 2:
+            continue
+        data, width = lay.graph.nodes[target], _width(lay.graph, target)
+        half = (width / 2 - RADIUS * 0.25 if _round(data) and width > 2 * RADIUS
+                else RADIUS * 0.75 if _round(data) else width * 0.3)
+        edges.sort(key=lambda i: lay.x[lay.edges[i][-2]])
+        for k, i in enumerate(edges):
+            offsets[i] = half * (2 * k / (len(edges) - 1) - 1)
+    return offsets
+
+
 def _panel(lay: Layout, dx: float, dy: float) -> list[str]:
     g, out = lay.graph, []
-    for chain in lay.edges:
+    offsets = _arrivals(lay)
+    for i, chain in enumerate(lay.edges):
         pts = [(lay.x[n] + dx, lay.y[n] + dy) for n in chain]
         pts[0] = (pts[0][0], pts[0][1] + _half_height(g.nodes[chain[0]]))
-        pts[-1] = (pts[-1][0], pts[-1][1] - _half_height(g.nodes[chain[-1]]) - 2)
+        shift = offsets.get(i, 0.0)
+        drop = _half_height(g.nodes[chain[-1]])
+        flat = _width(g, chain[-1]) / 2 - RADIUS  # the straight part of a pill's top
+        if _round(g.nodes[chain[-1]]) and abs(shift) > flat:  # on the rounded part
+            drop = (RADIUS ** 2 - min(abs(shift) - flat, RADIUS) ** 2) ** 0.5
+        pts[-1] = (pts[-1][0] + shift, pts[-1][1] - drop - 2)
         d = f"M{pts[0][0]:.1f},{pts[0][1]:.1f}"
         for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
             mid = (y1 - y0) / 2
@@ -332,8 +507,12 @@ def _panel(lay: Layout, dx: float, dy: float) -> list[str]:
         cx, cy = lay.x[n] + dx, lay.y[n] + dy
         fill, stroke = COLOURS[data["kind"]]
         tip = f"<title>{_e(n)}</title>"
-        if data["kind"] == "merge" and len(data["label"]) <= 2:
-            out.append(f'<g class="op">{tip}<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{RADIUS}" '
+        if _round(data):
+            w = _width(g, n)
+            shape = (f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{RADIUS}" ' if w <= 2 * RADIUS
+                     else f'<rect x="{cx - w / 2:.1f}" y="{cy - RADIUS:.1f}" width="{w:.1f}" '
+                          f'height="{2 * RADIUS}" rx="{RADIUS}" ')
+            out.append(f'<g class="op">{tip}{shape}'
                        f'fill="{fill}" stroke="{stroke}"/>'
                        f'<text x="{cx:.1f}" y="{cy + 5:.1f}" font-size="16">'
                        f'{_e(data["label"])}</text></g>')
@@ -349,10 +528,6 @@ def _panel(lay: Layout, dx: float, dy: float) -> list[str]:
                      f'{_e(data["detail"])}</text>')
         out.append(f'<g class="op">{tip}{body}</g>')
     return out
-
-
-def _ops(graph: nx.DiGraph) -> int:
-    return sum(1 for _, d in graph.nodes(data=True) if d["kind"] != "io")
 
 
 def _plural(count: int, word: str) -> str:
@@ -409,7 +584,10 @@ def render(before: nx.DiGraph, after: nx.DiGraph, title: str, heads: tuple[str, 
 
 @dataclass
 class Picture:
-    """A block drawn before and after folding: ``svg`` is the document, ``html()`` a page."""
+    """A block drawn before and after folding: ``svg`` is the document, ``html()`` a page.
+
+    ``ops_before`` and ``ops_after`` count ops as :func:`reparam.count_ops` does (and so as
+    ``fold`` and ``explain`` report them); ``input_shapes`` are what the block was folded on."""
 
     path: str
     kind: str
@@ -417,9 +595,11 @@ class Picture:
     report: Report
     ops_before: int
     ops_after: int
+    input_shapes: tuple[tuple[int, ...], ...] = ()
 
     def html(self) -> str:
         title = f"reparam: {self.path or 'model'} ({self.kind}) before and after folding"
+        shapes = ", ".join(shape_text(s) for s in self.input_shapes) or "unknown"
         return (
             "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<title>{_e(title)}</title>\n"
@@ -427,6 +607,8 @@ class Picture:
             "pre{background:#f6f6f6;padding:1em;overflow-x:auto;font-size:12px}"
             "svg{max-width:100%;height:auto}</style>\n</head>\n<body>\n"
             f"<h1>{_e(self.path or 'model')} <small>({_e(self.kind)})</small></h1>\n"
+            f"<p>Input {_e(shapes)}; ops {self.ops_before} &rarr; {self.ops_after}, params "
+            f"{self.report.params_before:,} &rarr; {self.report.params_after:,}.</p>\n"
             f"{self.svg}"
             "<h2>Report</h2>\n"
             f"<pre>{_e(self.report)}</pre>\n</body>\n</html>\n"
@@ -439,29 +621,31 @@ def picture(model: nn.Module, path: str, example_inputs: tuple | None = None, *,
 
     ``example_inputs`` are the model's; the block is folded on what it receives from them.
     """
-    try:
-        block = model.get_submodule(path)
-    except AttributeError as e:
-        raise ReparamError(f"{type(model).__name__} has no submodule '{path}'") from e
-    inputs = _block_inputs(model, path, example_inputs)
+    block, inputs, kind = _block(model, path, example_inputs)
     before, _ = trace(lambda: light_copy(block))
     after = fold(block, inputs, rules=rules, max_cost=max_cost)
     if not isinstance(after, fx.GraphModule):
         raise ReparamError(f"'{path}' does not trace as a whole, so it cannot be drawn; pass "
                            "--block naming one of its parts")
     report = after.reparam_report
-    g_before, g_after = op_graph(before), op_graph(after)
-    kind = type(block).__name__
+    shapes = tuple(report.input_shapes)
+    g_before, g_after = op_graph(before, shapes), op_graph(after, shapes)
+    ops_before, ops_after = count_ops(before), count_ops(after)
     used: dict[str, None] = {}
     for region in report.regions:
         used.update(dict.fromkeys(region.rules))
-    notes = []
+    keys = sorted(set(ops_before) | set(ops_after))
+    notes = ["ops: " + ", ".join(f"{k} {ops_before.get(k, 0)} -> {ops_after.get(k, 0)}"
+                                 for k in keys) + " (counted as fold and explain count them)"]
     if used:
         notes.append("rules: " + ", ".join(used))
     notes += [f"left unfolded: {x.node} ({x.op}): {x.reason}" for x in report.leftovers[:3]]
     if len(report.leftovers) > 3:
         notes.append(f"... and {len(report.leftovers) - 3} more left unfolded")
-    heads = (f"before: {_plural(_ops(g_before), 'op')}, {_plural(report.params_before, 'param')}",
-             f"after: {_plural(_ops(g_after), 'op')}, {_plural(report.params_after, 'param')}")
-    svg = render(g_before, g_after, f"{path or 'model'} ({kind})", heads, notes)
-    return Picture(path, kind, svg, report, _ops(g_before), _ops(g_after))
+    before_n, after_n = sum(ops_before.values()), sum(ops_after.values())
+    heads = (f"before: {_plural(before_n, 'op')}, {_plural(report.params_before, 'param')}",
+             f"after: {_plural(after_n, 'op')}, {_plural(report.params_after, 'param')}")
+    where = ", ".join(shape_text(s) for s in shapes)
+    title = f"{path or 'model'} ({kind})" + (f", input {where}" if where else "")
+    svg = render(g_before, g_after, title, heads, notes)
+    return Picture(path, kind, svg, report, before_n, after_n, shapes)

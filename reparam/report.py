@@ -31,6 +31,40 @@ class Leftover:
     reason: str
 
 
+@dataclass(frozen=True)
+class Table:
+    """A titled table of text cells; ``right`` holds the indices of right-aligned columns."""
+
+    title: str
+    columns: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    right: frozenset[int] = frozenset()
+
+    def lines(self) -> list[str]:
+        """The table as plain text: each column as wide as its widest cell, two spaces apart."""
+        widths = [max([len(c)] + [len(row[i]) for row in self.rows])
+                  for i, c in enumerate(self.columns)]
+
+        def line(cells: tuple[str, ...]) -> str:
+            return "  ".join(c.rjust(w) if i in self.right else c.ljust(w)
+                             for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+        return ([self.title] if self.title else []) + [line(self.columns)] + [
+            line(row) for row in self.rows]
+
+
+def _arrows(pairs: list[tuple[int, int]]) -> list[str]:
+    """``before -> after`` cells with the arrows of a column aligned."""
+    texts = [(f"{a:,}", f"{b:,}") for a, b in pairs]
+    width = max((len(a) for a, _ in texts), default=0)
+    return [f"{a:>{width}} -> {b}" for a, b in texts]
+
+
+def shape_text(shape: tuple[int, ...]) -> str:
+    """``1x3x224x224``."""
+    return "x".join(map(str, shape))
+
+
 @dataclass
 class Report:
     """The report of one fold. ``str(report)`` is a table."""
@@ -63,37 +97,48 @@ class Report:
         self.untraced += [(dot + p, why) for p, why in other.untraced]
         self.notes += [f"{prefix}: {n}" if prefix else n for n in other.notes]
 
-    def __str__(self) -> str:
+    def summary(self) -> list[str]:
+        """The lines above the tables: counts, the input the MACs were measured at, the error."""
         lines = [f"reparam: {len(self.regions)} regions folded, "
                  f"{len(self.leftovers)} linear ops left, "
                  f"params {self.params_before:,} -> {self.params_after:,}"]
+        if self.input_shapes:
+            lines.append("input: " + ", ".join(shape_text(s) for s in self.input_shapes)
+                         + " (MACs are per sample at this size)")
         if self.ops_before:
             keys = sorted(set(self.ops_before) | set(self.ops_after))
             lines.append("ops: " + ", ".join(
                 f"{k} {self.ops_before.get(k, 0)} -> {self.ops_after.get(k, 0)}" for k in keys))
         if self.max_error is not None:
-            lines.append(f"max error |folded - original| / max|original|: {self.max_error:.2e}")
+            lines.append(f"max error |folded - original| / max|original|: {self.max_error:.1e}")
         if self.verified_error is not None:
             lines.append(f"verified: the folded model matches the original on the example "
                          f"inputs (relative error {self.verified_error:.1e})")
+        return lines
+
+    def tables(self) -> list[Table]:
+        """The folded regions, the linear ops left unfolded, the parts not traced, the notes."""
+        tables = []
         if self.regions:
-            lines.append("")
-            lines.append(f"{'module':<40} {'folded':<28} {'nodes':>5} {'params':>19} "
-                         f"{'MACs':>23}  rules")
-            for r in self.regions:
-                lines.append(
-                    f"{r.name:<40} {r.geometry:<28} {len(r.replaced):>5} "
-                    f"{r.params_before:>9,}->{r.params_after:<9,} "
-                    f"{r.macs_before:>11,}->{r.macs_after:<11,} {', '.join(r.rules)}")
+            params = _arrows([(r.params_before, r.params_after) for r in self.regions])
+            macs = _arrows([(r.macs_before, r.macs_after) for r in self.regions])
+            rows = tuple((r.name, r.geometry, str(len(r.replaced)), p, m, ", ".join(r.rules))
+                         for r, p, m in zip(self.regions, params, macs, strict=True))
+            tables.append(Table("", ("module", "folded", "nodes", "params", "MACs", "rules"),
+                                rows, frozenset({2})))
         if self.leftovers:
-            lines.append("")
-            lines.append("left unfolded:")
-            lines += [f"  {x.node} ({x.op}): {x.reason}" for x in self.leftovers]
+            rows = tuple((x.node, x.op, x.reason) for x in self.leftovers)
+            tables.append(Table("left unfolded:", ("node", "op", "reason"), rows))
         if self.untraced:
-            lines.append("")
-            lines.append("not traced (folded inside where possible):")
-            lines += [f"  {path or '(the model)'}: {why}" for path, why in self.untraced]
+            rows = tuple((path or "(the model)", why) for path, why in self.untraced)
+            tables.append(Table("not traced (folded inside where possible):",
+                                ("module", "reason"), rows))
         if self.notes:
-            lines.append("")
-            lines += [f"note: {n}" for n in self.notes]
+            tables.append(Table("notes:", ("note",), tuple((n,) for n in self.notes)))
+        return tables
+
+    def __str__(self) -> str:
+        lines = self.summary()
+        for table in self.tables():
+            lines += ["", *table.lines()]
         return "\n".join(lines)

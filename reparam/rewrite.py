@@ -589,7 +589,7 @@ class Folder:
         report.regions = [replace(r, name=names[r.name][0], node=names[r.name][1])
                           for r in report.regions]
         seen = set()
-        for node, reason in plan.reasons.items():
+        for node, reason in sorted(plan.reasons.items(), key=lambda item: _order(item[0])):
             if node.name in seen:
                 continue
             seen.add(node.name)

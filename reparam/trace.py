@@ -216,7 +216,9 @@ _FIRST_OPS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, nn.ConvTranspose1d: 1,
 
 
 def guess_inputs(model: nn.Module, gm: fx.GraphModule) -> tuple:
-    """A plausible input when the caller gave none: timm's ``input_size`` or the first layer's."""
+    """A plausible input when the caller gave none: the model's own ``default_input_size`` (the
+    zoo networks state their paper's, e.g. ``(3, 224, 224)``), timm's ``input_size``, or one
+    fitted to the first layer."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise ReparamError(
@@ -226,9 +228,12 @@ def guess_inputs(model: nn.Module, gm: fx.GraphModule) -> tuple:
     param = next(iter(model.parameters()), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     device = param.device if param is not None else None
+    size = getattr(model, "default_input_size", None)
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
-    if isinstance(cfg, dict) and cfg.get("input_size"):
-        return (torch.randn(1, *cfg["input_size"], dtype=dtype, device=device),)
+    if not size and isinstance(cfg, dict):
+        size = cfg.get("input_size")
+    if size:
+        return (torch.randn(1, *size, dtype=dtype, device=device),)
     modules = dict(gm.named_modules())
     frontier = list(placeholders[0].users)
     for _ in range(64):

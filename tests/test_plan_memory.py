@@ -14,8 +14,8 @@ from torch import fx, nn
 import reparam
 from reparam import rewrite
 from reparam.models import RepVGGBlock
-from reparam.rules import ALL
 from reparam.observe import observe
+from reparam.rules import ALL
 
 
 class Escaping(nn.Module):

@@ -70,7 +70,8 @@ class OutIntoInput(nn.Module):
 class OutIntoIntermediate(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.c1, self.bn, self.c2 = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1)
+        self.c1, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.c2 = nn.Conv2d(3, 3, 1)
 
     def forward(self, x):
         h = self.c1(x)
@@ -85,7 +86,8 @@ class Written(nn.Module):
     def __init__(self, how: str) -> None:
         super().__init__()
         self.how = how
-        self.c1, self.bn, self.c2 = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1)
+        self.c1, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.c2 = nn.Conv2d(3, 3, 1)
 
     def forward(self, x):
         h = self.c1(x)
@@ -134,7 +136,8 @@ class WritesItsInput(nn.Module):
 class LeafWriter(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.c1, self.bn, self.c2 = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1)
+        self.c1, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.c2 = nn.Conv2d(3, 3, 1)
         self.leaf = WritesItsInput()
 
     def forward(self, x):

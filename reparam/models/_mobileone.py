@@ -34,6 +34,8 @@ class MobileOne(nn.Module):
 
     ``alphas`` are the paper's width multipliers (a1, a2, a3, a4); ``num_branches`` is its k;
     ``se_stages`` lists the stages (of 2..6) whose blocks carry a squeeze-and-excite gate.
+    ``default_input_size`` is the paper's ImageNet input, ``(in_ch, 224, 224)``: what
+    ``reparam.fold`` traces and measures on when it is given no example inputs.
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class MobileOne(nn.Module):
         in_ch: int = 3,
     ) -> None:
         super().__init__()
+        self.default_input_size = (in_ch, 224, 224)  # the paper's ImageNet size
         a1, a2, a3, a4 = alphas
         mults = (a1, a2, a3, a3, a4)
         ch = min(64, int(64 * a1))

@@ -35,7 +35,9 @@ class RepVGG(nn.Module):
     """A plain stack of ``RepVGGBlock`` in five stages (``stage0`` .. ``stage4``), the first layer
     of each with stride 2, then global average pooling, flatten and a linear classifier.
     ``make_block`` builds another kind of layer in place of ``RepVGGBlock`` (e.g. RepVGG-D2se's).
-    """
+
+    ``default_input_size`` is the paper's ImageNet input, ``(in_ch, 224, 224)``: what
+    ``reparam.fold`` traces and measures on when it is given no example inputs."""
 
     def __init__(
         self,
@@ -49,6 +51,7 @@ class RepVGG(nn.Module):
         make_block: BlockMaker | None = None,
     ) -> None:
         super().__init__()
+        self.default_input_size = (in_ch, 224, 224)  # the paper's ImageNet size
         if len(depths) != 5 or len(widths) != 5:
             raise ValueError("RepVGG has five stages: give five depths and five widths")
         grouped = grouped_layers(depths) if groups > 1 else frozenset()

@@ -54,7 +54,10 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     """ResNet with basic blocks: a 7x7 stride-2 stem conv+BN+ReLU and 3x3 stride-2 max pool,
     ``layer1`` .. ``layer4`` (widths 64, 128, 256, 512; stride 2 from ``layer2`` on), then global
-    average pooling, flatten and a linear layer."""
+    average pooling, flatten and a linear layer.
+
+    ``default_input_size`` is the paper's ImageNet input, ``(in_ch, 224, 224)``: what
+    ``reparam.fold`` traces and measures on when it is given no example inputs."""
 
     def __init__(
         self,
@@ -64,6 +67,7 @@ class ResNet(nn.Module):
         in_ch: int = 3,
     ) -> None:
         super().__init__()
+        self.default_input_size = (in_ch, 224, 224)  # the paper's ImageNet size
         self.stem = nn.Sequential(
             OrderedDict(
                 conv=conv(in_ch, 64, 7, 2, 3),
