@@ -4,10 +4,11 @@ Each block imitates the *style* of one project that people deploy (the official 
 Ultralytics YOLO, YOLOv7): slice assignment into padded tensors, kernels generated in forward from
 several parameter tensors, ``int(t.size(0) / groups)`` arithmetic, ``list(x.chunk(2, 1))``,
 forwards that switch on ``self.training``, ``get_device()``, an ``nn.Sequential`` routed by its
-parent through ``f`` / ``i`` attributes, heads with shape-dependent Python. None of them traces
-with ``torch.fx.symbolic_trace``. The code is our own, written for the tests; each docstring says
-which project writes it this way and what its deploy form is. ``tests/test_deployed.py`` checks
-that each block computes what its docstring claims, and what ``reparam.fold`` must make of it.
+parent through ``f`` / ``i`` attributes, heads with shape-dependent Python. No model built from
+them traces with ``torch.fx.symbolic_trace`` (small parts such as ``ConvNormAct`` do). The code
+is our own, written for the tests; each docstring says which project writes it this way and
+what its deploy form is. ``tests/test_deployed.py`` checks that each block computes what its
+docstring claims, and what ``reparam.fold`` must make of it.
 """
 
 from __future__ import annotations

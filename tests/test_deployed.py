@@ -12,8 +12,9 @@ kinds of tests:
 * ``reparam.fold(model.eval(), x)`` must reach that deploy form (``check_deploy_form``: BN and
   conv counts, parameters, output within 1e-4 of a float64 run of the original at two input
   sizes, the interface the parent uses). These are ``xfail(strict=True)`` until the engine
-  supports the block (issue 14): each turns into a failure (XPASS) as soon as it folds, and the
-  mark is removed then. An error other than a failed check or a ReparamError is not excused.
+  supports the block (issue 14): each turns into a failure (XPASS) as soon as it folds; then
+  delete its ``ISSUE_14`` entry. An error other than a failed check or a ReparamError is not
+  excused (it fails the test).
 """
 
 from __future__ import annotations
