@@ -404,16 +404,17 @@ def render(rows: list[dict], failures: list[dict], bench_rows: list[dict], meta:
 BEGIN, END = "<!-- timm_all.py: begin -->", "<!-- timm_all.py: end -->"
 
 
-def write_report(path: Path, text: str) -> None:
+def write_report(path: Path, text: str, begin: str = BEGIN, end: str = END,
+                 title: str = "timm models") -> None:
     """Put the generated part between the markers of an existing page (the text around them is
-    written by hand), or write a page of its own."""
+    written by hand), or write a page of its own. (``scripts/ultralytics_all.py`` uses it too.)"""
     old = path.read_text(encoding="utf-8") if path.exists() else ""
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1]
-        path.write_text(f"{head}{BEGIN}\n{text}{END}{tail}", encoding="utf-8")
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        tail = rest.split(end, 1)[1]
+        path.write_text(f"{head}{begin}\n{text}{end}{tail}", encoding="utf-8")
     else:
-        path.write_text(f"# timm models\n\n{BEGIN}\n{text}{END}\n", encoding="utf-8")
+        path.write_text(f"# {title}\n\n{begin}\n{text}{end}\n", encoding="utf-8")
 
 
 def _machine() -> str:
