@@ -6,14 +6,14 @@ that sees every aten op torch executes, inside leaf modules too. From torch's ow
 records, per node:
 
 * **writes**: an op whose schema marks an argument as written (``relu_``, ``mul.out``, ``copy_``,
-  setitem's ``fill_``, any in-place overload called directly), on any tensor however it was
-  reached (``.data``, ``.detach()``, views, a leaf module writing its input). A node whose storage
-  is written after it was produced cannot be read out of order, nor folded through; a parameter
-  or buffer that forward writes is *state*, not a constant.
+    setitem's ``fill_``, any in-place overload called directly), on any tensor however it was
+    reached (``.data``, ``.detach()``, views, a leaf module writing its input). A node whose storage
+    is written after it was produced cannot be read out of order, nor folded through; a parameter
+    or buffer that forward writes is *state*, not a constant.
 * **random draws**: an op tagged ``nondeterministic_seeded`` (``bernoulli_``, ``exponential_`` of
-  gumbel_softmax, ``rand``...). Such a node is never a constant and never folded.
+    gumbel_softmax, ``rand``...). Such a node is never a constant and never folded.
 * **shapes and dtypes** of every tensor (``node.meta["tensor_meta"]``) and the Python value of
-  every scalar such as ``x.size(3)`` (``node.meta["reparam_value"]``).
+    every scalar such as ``x.size(3)`` (``node.meta["reparam_value"]``).
 * **constants**: the value of every node that depends on no input and no state.
 
 The caller's parameters and buffers are protected: an op that would write one raises

@@ -49,8 +49,17 @@ def _escape(text: str) -> str:
     return "".join(out)
 
 
+BULLET = re.compile(r"^(\s*[*-] )(.*)$", re.DOTALL)
+
+
 def _escape_prose(text: str) -> str:
-    return re.sub(r"([*\[\]])", r"\\\1", text).replace("<", "&lt;")
+    """Escape ``*``, ``[``, ``]`` and ``<``, except the marker that starts a list item."""
+    lines = []
+    for line in text.split("\n"):
+        bullet = BULLET.match(line)
+        head, rest = (bullet.group(1), bullet.group(2)) if bullet else ("", line)
+        lines.append(head + re.sub(r"([*\[\]])", r"\\\1", rest).replace("<", "&lt;"))
+    return "\n".join(lines)
 
 
 def _runtime(obj: griffe.Object):

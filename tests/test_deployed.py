@@ -299,7 +299,6 @@ ISSUE_14 = {
     "dbb": "BN-and-pad by slice assignment: fx cannot trace item assignment on a Proxy",
     "orepa": "kernel generated in forward (einsums, int(size / groups)): a computed weight",
     "ecbsr": "bias-filled pad by slice assignment, get_device(), kernel rebuilt in eval forward",
-    "c2f": "list(x.chunk(2, 1)) iterates a Proxy; the ModuleList is never called as a module",
     "routed": "Sequential routed by f/i attributes, Concat of a list, Detect-like Python head",
     "implicit": "ImplicitA/ImplicitM around 1x1 convs, a head writing by slice assignment",
     "get_device": "get_device() compared with 0 in forward: a Proxy in a condition",

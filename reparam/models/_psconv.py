@@ -54,11 +54,11 @@ class PSConv2d(nn.Module):
 
     * ``grouped``: KxK conv, dilation ``d``, ``groups * parts`` groups.
     * ``shifted``: KxK conv, dilation ``2d``, ``groups * parts`` groups, on the input whose two
-      channel halves (within each of ``groups`` groups) are swapped by chunk and cat; so output
-      part ``i`` reads input part ``i + parts/2`` at dilation 2d.
+        channel halves (within each of ``groups`` groups) are swapped by chunk and cat; so output
+        part ``i`` reads input part ``i + parts/2`` at dilation 2d.
     * ``dense``: KxK conv, dilation 1, ``groups`` groups, whose blocks that the two group-wise
-      convs already cover are masked to zero (a ``BlockMask`` parametrization of its weight; the
-      authors zero them at initialization and mask their gradient with a hook).
+        convs already cover are masked to zero (a ``BlockMask`` parametrization of its weight; the
+        authors zero them at initialization and mask their gradient with a hook).
 
     Each conv pads by its dilation times ``K // 2``, so all three align. Every output channel
     thus sees each input channel at one of the dilations 1, d, 2d: the parameters that are not

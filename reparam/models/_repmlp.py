@@ -60,15 +60,15 @@ class RepMLPUnit(nn.Module):
     patches (``O`` output channels).
 
     * Global perceptron (only when the map holds more than one patch): ``avg`` (an h x w average
-      pool with stride h x w, then BN over C), flattened to ``C * (H/h) * (W/w)``, then
-      ``fc1`` -> ReLU -> ``fc2`` (linears, width divided by ``fc1_fc2_reduction``); the result
-      is added to every pixel of its patch.
+        pool with stride h x w, then BN over C), flattened to ``C * (H/h) * (W/w)``, then
+        ``fc1`` -> ReLU -> ``fc2`` (linears, width divided by ``fc1_fc2_reduction``); the result
+        is added to every pixel of its patch.
     * Partition perceptron: each patch flattened to ``C*h*w`` values feeds ``fc3``, a 1x1
-      ``Conv2d(C*h*w, O*h*w, groups=fc3_groups, bias=False)`` (orthogonal init), then
-      ``fc3_bn``, a ``BatchNorm1d(O*h*w)``.
+        ``Conv2d(C*h*w, O*h*w, groups=fc3_groups, bias=False)`` (orthogonal init), then
+        ``fc3_bn``, a ``BatchNorm1d(O*h*w)``.
     * Local perceptron: for each ``k`` of ``reparam_conv_k``, a KxK conv (padding k//2,
-      ``groups=fc3_groups``) + BN on the ``(N*H/h*W/w, C, h, w)`` patches; the outputs are
-      added to the FC's. Then the patches are merged back to ``(N, O, H, W)``.
+        ``groups=fc3_groups``) + BN on the ``(N*H/h*W/w, C, h, w)`` patches; the outputs are
+        added to the FC's. Then the patches are merged back to ``(N, O, H, W)``.
 
     Deploy form: ``fc3`` with a bias, holding ``fc3_bn`` and every local conv+BN (each the FC
     of its response to the identity basis of ``C*h*w``; exact as each conv reads only its
@@ -149,11 +149,11 @@ class RepMLPBlock(nn.Module):
 
     * ``gp``: a ``GlobalPerceptron`` gate that multiplies the output.
     * ``fc3``: the channels of every patch are cut into groups of S consecutive channels, each
-      flattened to ``S*h*w`` values, through a 1x1 ``Conv2d(S*h*w, S*h*w, groups=S,
-      bias=False)`` (each share-set channel has its own h*w x h*w matrix, shared by all C/S
-      groups), reshaped to ``(-1, S, h, w)``, then ``fc3_bn`` (``BatchNorm2d(S)``).
+        flattened to ``S*h*w`` values, through a 1x1 ``Conv2d(S*h*w, S*h*w, groups=S,
+        bias=False)`` (each share-set channel has its own h*w x h*w matrix, shared by all C/S
+        groups), reshaped to ``(-1, S, h, w)``, then ``fc3_bn`` (``BatchNorm2d(S)``).
     * ``local``: for each ``k`` of ``reparam_conv_k``, a depthwise KxK conv (``groups=S``) + BN
-      on the same ``(-1, S, h, w)`` tiles, added to the FC's output.
+        on the same ``(-1, S, h, w)`` tiles, added to the FC's output.
 
     The outputs are reshaped to ``(-1, H/h, W/w, S, h, w)`` and permuted back as the authors'
     code does; with more channels than share-sets (C > S) that reshape lays the C/S groups out in

@@ -23,10 +23,10 @@ module would not reproduce the traced shape.
 Op kinds this rule reads (produced by :func:`reparam.ops.describe`):
 
 * ``"flatten"``: ``x.flatten(start, end)``, ``torch.flatten(x, start, end)``, ``nn.Flatten``;
-  inputs ``(x,)``, attrs ``start_dim``, ``end_dim``.
+    inputs ``(x,)``, attrs ``start_dim``, ``end_dim``.
 * ``"reshape"``: ``x.reshape(*shape)``, ``x.view(*shape)``, ``torch.reshape(x, shape)``
-  (attrs ``shape``), ``x.reshape_as(y)``, ``x.view_as(y)`` (attrs ``like=y``); inputs ``(x,)``
-  only: ``y`` of ``reshape_as`` gives a shape, not data.
+    (attrs ``shape``), ``x.reshape_as(y)``, ``x.view_as(y)`` (attrs ``like=y``); inputs ``(x,)``
+    only: ``y`` of ``reshape_as`` gives a shape, not data.
 
 Only the traced shapes are used (``node.meta``), never the attrs' values, so a shape computed at
 run time (``x.view(b, n, -1)`` from ``x.shape``) is fine.
