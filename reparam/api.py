@@ -9,6 +9,7 @@ copy instead.
 
 from __future__ import annotations
 
+import functools
 import gc
 import operator
 import time
@@ -21,8 +22,9 @@ import torch
 from torch import fx, nn
 
 from .errors import CheckError, ReparamError, TraceError
+from .ir import IR
 from .observe import CallerTensorWritten, guarded, observe
-from .ops import describe
+from .pattern import Effect, Recognizer
 from .report import Report
 from .rewrite import fold_graph
 from .rules import ALL
@@ -106,39 +108,47 @@ def _global_hooks() -> bool:
     return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
 
 
-def count_ops(gm: fx.GraphModule) -> dict[str, int]:
-    """How many conv, linear, batch_norm, add, ... nodes a traced graph has."""
+@functools.lru_cache(maxsize=16)
+def recognizer_for(rules: tuple[Rule, ...]) -> Recognizer:
+    """The dispatch table of a rule set (built once per rule set)."""
+    return Recognizer(rules)
+
+
+def count_ops(gm: nn.Module, rules: Sequence[Rule] = ALL, *, graph: fx.Graph | None = None
+              ) -> dict[str, int]:
+    """How many conv, linear, batch_norm, add, ... ops a traced graph computes from its inputs
+    (as the patterns of ``rules`` read them; identities and constant arithmetic not counted)."""
+    graph = graph if graph is not None else gm.graph
+    recognizer = recognizer_for(tuple(rules))
     modules = dict(gm.named_modules())
     counts: Counter[str] = Counter()
     data: set[fx.Node] = set()  # nodes computed from the inputs (not constant arithmetic)
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         if node.op == "placeholder" or any(i in data for i in node.all_input_nodes):
             data.add(node)
-            try:
-                op = describe(node, modules)
-            except Exception:  # noqa: BLE001 - arguments computed at run time: not an op we read
-                op = None
-            if op is not None and op.kind != "identity":  # identities compute nothing
-                counts[op.kind] += 1
+            found, _ = recognizer.matches(node, modules)
+            if found and found[0].op.effect is not Effect.IDENTITY:
+                counts[found[0].op.kind] += 1
     return dict(counts)
 
 
-def count_macs(model: nn.Module, example_inputs) -> int:
+def count_macs(model: nn.Module, example_inputs, rules: Sequence[Rule] = ALL) -> int:
     """Multiply-adds of one sample through ``model`` (convs, linears, BNs, adds, pools...)."""
-    from .rewrite import Folder
-
     inputs = as_inputs(example_inputs)
+    recognizer = recognizer_for(tuple(rules))
     if isinstance(model, fx.GraphModule):
-        gm = model
+        root, graph = model, model.graph
+        obs = observe(root, inputs, graph=graph)
     else:
-        gm, _ = trace(lambda: light_copy(model))
-    try:
-        observe(gm, inputs, protect=model)
-    except CallerTensorWritten:
-        gm, _ = trace(lambda: deep_copy(model))
-        observe(gm, inputs)
-    folder = Folder(gm, ())
-    return sum(folder.op_cost(n) for n in gm.graph.nodes)
+        try:
+            traced = trace(lambda: light_copy(model), recognizer=recognizer)
+            obs = observe(traced.root, inputs, protect=model, graph=traced.graph)
+        except CallerTensorWritten:
+            traced = trace(lambda: deep_copy(model), recognizer=recognizer)
+            obs = observe(traced.root, inputs, graph=traced.graph)
+        root, graph = traced.root, traced.graph
+    ir = IR(root, graph, recognizer, obs)
+    return sum(entry.macs for entry in ir.entries.values())
 
 
 def _params(module: nn.Module) -> int:
@@ -224,6 +234,7 @@ class Job:
     leaves: tuple[str, ...]
     verify: bool
     protect: nn.Module | None
+    recognizer: Recognizer
     keep: dict[str, str] = field(default_factory=dict)  # qualified node name -> why kept
     # folding a private copy of a model whose forward writes its own tensors: (the copy's
     # tensors, the caller's), copied back before every run so that each starts where the
@@ -263,7 +274,8 @@ def _fold(model: nn.Module, example_inputs, rules: tuple, check: bool, verify: b
           max_cost: float, leaf_modules: tuple[str, ...]) -> nn.Module:
     inputs = as_inputs(example_inputs)
     start = time.perf_counter()
-    job = Job(rules, max_cost, leaf_modules, verify, protect=model)
+    job = Job(rules, max_cost, leaf_modules, verify, protect=model,
+              recognizer=recognizer_for(rules))
     try:
         done = _fold_verified(model, inputs, job)
     except CallerTensorWritten:  # forward writes its own parameters or buffers: use a copy
@@ -443,15 +455,16 @@ def _ill_conditioned(model: nn.Module, done: Folded, got, job: Job, dtype: torch
 def _fold_module(model: nn.Module, inputs: tuple | None, job: Job, capture: bool = False
                  ) -> Folded:
     try:
-        gm, untraced = trace(lambda: light_copy(model), job.leaves)
+        traced = trace(lambda: light_copy(model), job.leaves, job.recognizer)
     except TraceError as e:
         return _fold_children(model, inputs, job, str(e))
+    root, graph = traced.root, traced.graph
     if inputs is None:
-        inputs = guess_inputs(model, gm)
-    hooks, captured_inputs = _capture_leaf_inputs(gm, [p for p, _ in untraced])
+        inputs = guess_inputs(model, traced)
+    hooks, captured_inputs = _capture_leaf_inputs(root, [p for p, _ in traced.untraced])
     job.guard()  # reset a private copy's state before the run
     try:
-        obs = _seeded(model, lambda: observe(gm, inputs, job.protect))
+        obs = _seeded(model, lambda: observe(root, inputs, job.protect, graph=graph))
     finally:
         for h in hooks:
             h.remove()
@@ -460,15 +473,16 @@ def _fold_module(model: nn.Module, inputs: tuple | None, job: Job, capture: bool
         reference = _eager(model, obs.inputs, job)
         if relative_error(obs.output, reference) > tolerance(SCREEN, _dtype(model)):
             return _fold_children(model, inputs, job, _UNFAITHFUL.format(type(model).__name__))
-    elif _suspicious(model, gm) and relative_error(
+    elif _suspicious(model, graph) and relative_error(
             obs.output, _eager(model, obs.inputs, job)) > 1e-5:
         return _fold_children(model, inputs, job, _UNFAITHFUL.format(type(model).__name__))
-    ops_before = count_ops(gm)
+    ops_before = count_ops(root, job.rules, graph=graph)
     regions: dict | None = {} if capture else None
-    report = fold_graph(gm, job.rules, job.max_cost, obs, job.keep, regions)
-    report.ops_before, report.ops_after = ops_before, count_ops(gm)
-    report.untraced = list(untraced)
-    for path, _ in untraced:
+    gm, report = fold_graph(root, graph, job.rules, job.max_cost, obs, job.keep, regions,
+                            job.recognizer, traced.name)
+    report.ops_before, report.ops_after = ops_before, count_ops(gm, job.rules)
+    report.untraced = list(traced.untraced)
+    for path, _ in traced.untraced:
         _fold_inside(gm, path, captured_inputs.get(path), job, report)
     _keep_hooks(gm, model)
     return Folded(gm, report, inputs, reference, regions, obs.inputs)
@@ -482,12 +496,12 @@ _ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.truediv, opera
                torch.add, torch.sub, torch.mul, torch.div}
 
 
-def _suspicious(model: nn.Module, gm: fx.GraphModule) -> bool:
+def _suspicious(model: nn.Module, graph: fx.Graph) -> bool:
     """Without verification, the trace is compared with eager mode only where torch.fx is known
     to go wrong: an augmented assignment (``x += y``) or dead arithmetic in the graph."""
     return has_augmented_assignment(model) or any(
         n.op == "call_function" and n.target in _ARITHMETIC and not n.users
-        for n in gm.graph.nodes)
+        for n in graph.nodes)
 
 
 def _fold_children(model: nn.Module, inputs, job: Job, why: str) -> Folded:
@@ -623,7 +637,7 @@ def _recorder(store: dict, name: str):
     return hook
 
 
-def _capture_leaf_inputs(gm: fx.GraphModule, paths: list[str]
+def _capture_leaf_inputs(gm: nn.Module, paths: list[str]
                          ) -> tuple[list, dict[str, dict[str, tuple]]]:
     """Hooks that record, during the observed run, what each leaf's children receive; returns
     their handles (to remove after the run) and the store they fill."""

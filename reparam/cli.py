@@ -31,7 +31,7 @@ from .api import count_macs, fold, max_error
 from .deploy import HOW_TO_LOAD, format_of, save
 from .errors import ReparamError
 from .files import load_weights, read_model
-from .ops import dtype_of, shape_of
+from .nodes import dtype_of, shape_of
 from .report import Report
 
 RULE_SETS = {"repvgg": rules.REPVGG, "acnet": rules.ACNET, "dbb": rules.DBB, "all": rules.ALL}

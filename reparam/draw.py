@@ -18,9 +18,8 @@ import networkx as nx
 import torch
 from torch import fx, nn
 
-from .api import count_ops, fold
+from .api import count_ops, fold, recognizer_for
 from .errors import ReparamError
-from .ops import describe
 from .report import Report, shape_text
 from .rules import ALL
 from .trace import light_copy, trace
@@ -43,7 +42,7 @@ def _node_paths(model: nn.Module) -> dict[str, str]:
     if isinstance(model, fx.GraphModule):
         return {n.name: _module_path(n) for n in model.graph.nodes}
     try:
-        gm, _ = trace(lambda: light_copy(model))
+        gm = trace(lambda: light_copy(model), recognizer=recognizer_for(ALL)).module()
     except ReparamError:
         return {}
     return {n.name: _module_path(n) for n in gm.graph.nodes}
@@ -210,6 +209,12 @@ def _tensor(gm: fx.GraphModule, value) -> torch.Tensor | None:
             obj = getattr(obj, part, None)
         return obj if isinstance(obj, torch.Tensor) else None
     return None
+
+
+def describe(node: fx.Node, modules: dict[str, nn.Module]):
+    """The op the default rule set reads ``node`` as, or ``None``."""
+    found, _ = recognizer_for(ALL).matches(node, modules)
+    return found[0].op if found else None
 
 
 def label(node: fx.Node, gm: fx.GraphModule, modules: dict[str, nn.Module]
@@ -622,7 +627,7 @@ def picture(model: nn.Module, path: str, example_inputs: tuple | None = None, *,
     ``example_inputs`` are the model's; the block is folded on what it receives from them.
     """
     block, inputs, kind = _block(model, path, example_inputs)
-    before, _ = trace(lambda: light_copy(block))
+    before = trace(lambda: light_copy(block), recognizer=recognizer_for(tuple(rules))).module()
     after = fold(block, inputs, rules=rules, max_cost=max_cost)
     if not isinstance(after, fx.GraphModule):
         raise ReparamError(f"'{path}' does not trace as a whole, so it cannot be drawn; pass "
@@ -630,7 +635,7 @@ def picture(model: nn.Module, path: str, example_inputs: tuple | None = None, *,
     report = after.reparam_report
     shapes = tuple(report.input_shapes)
     g_before, g_after = op_graph(before, shapes), op_graph(after, shapes)
-    ops_before, ops_after = count_ops(before), count_ops(after)
+    ops_before, ops_after = count_ops(before, rules), count_ops(after, rules)
     used: dict[str, None] = {}
     for region in report.regions:
         used.update(dict.fromkeys(region.rules))

@@ -1,14 +1,31 @@
-"""Turning a folded :class:`~reparam.kernel.Kernel` back into a standard torch module."""
+"""Materialization: each region becomes one standard module reading its source.
+
+For each region's end (a boundary whose value is a linear map of two or more ops), a new
+``nn.Conv*d``, ``nn.ConvTranspose*d`` or ``nn.Linear`` is built from the folded kernel and called
+where the region starts (its ops read the source there, before any later write), reading the
+source (a :class:`~reparam.values.View` is made anew on its base: the layout ops a per-channel map
+moved through). The region's end is replaced by it; shape queries of removed nodes read a node
+of the same shape; what no longer reaches the output is removed (dead code), keeping every op
+that writes a tensor or draws random numbers.
+"""
 
 from __future__ import annotations
 
-from functools import partial
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
-from torch import nn
-from torch.nn.utils import skip_init
+from torch import fx, nn
 
-from .kernel import Kernel, regroup
+from .analysis import Analysis, spent
+from .context import is_identity
+from .cost import kernel_cost, ops_cost
+from .ir import IR
+from .kernel import Kernel, nonnegative_padding, regroup
+from .nodes import is_rank_query, is_shape_query, shape_of
+from .policies import trivial
+from .report import Region
+from .values import Lin, View, source_node, source_shape
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -16,28 +33,312 @@ _CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 
 def to_module(k: Kernel, dtype: torch.dtype, device: torch.device | None = None,
               bias: bool = False) -> nn.Module:
-    """``nn.Linear``, ``nn.ConvNd`` or ``nn.ConvTransposeNd`` computing ``k``, cast to ``dtype``.
+    """``nn.Linear``, ``nn.ConvNd`` or ``nn.ConvTransposeNd`` computing ``k``, in ``dtype``.
 
     The module has a bias when ``bias`` is set (the region had one, e.g. from a BN, so a trained
-    model's deploy form keeps its shape) or the folded bias is not all zero.
+    model's deploy form keeps its shape) or the folded bias is not all zero. A kernel that crops
+    (negative padding) gets zero taps instead, as torch runs only padding >= 0.
     """
+    k = nonnegative_padding(k)
     device = device if device is not None else k.weight.device
     has_bias = bias or k.has_bias
-    make = partial(skip_init, device=device, dtype=dtype)  # no random init to overwrite
     if k.nd == 0:
-        dense = regroup(k, 1)
-        module = make(nn.Linear, k.in_channels, k.out_channels, bias=has_bias)
-        weight = dense.weight
+        weight = regroup(k, 1).weight
+        module = nn.Linear(k.in_channels, k.out_channels, bias=has_bias, device="meta")
     elif k.transposed:
-        module = make(_CONV_T[k.nd], k.in_channels, k.out_channels, k.kernel_size, k.stride,
-                      k.padding, k.output_padding, k.groups, has_bias, k.dilation)
         weight = k.weight
+        module = _CONV_T[k.nd](k.in_channels, k.out_channels, k.kernel_size, k.stride,
+                               k.padding, k.output_padding, k.groups, has_bias, k.dilation,
+                               device="meta")
     else:
-        module = make(_CONV[k.nd], k.in_channels, k.out_channels, k.kernel_size, k.stride,
-                      k.padding, k.dilation, k.groups, has_bias, k.padding_mode)
         weight = k.weight
-    with torch.no_grad():
-        module.weight.copy_(weight)  # copy_ casts float64 to the model's dtype
-        if has_bias:
-            module.bias.copy_(k.bias)
+        module = _CONV[k.nd](k.in_channels, k.out_channels, k.kernel_size, k.stride, k.padding,
+                             k.dilation, k.groups, has_bias, k.padding_mode, device="meta")
+    # the kernel's own tensors, cast once: no random init, no copy beyond the cast
+    module.weight = nn.Parameter(weight.detach().to(device=device, dtype=dtype))
+    module.bias = nn.Parameter(k.bias.detach().to(device=device, dtype=dtype)) if has_bias \
+        else None
     return module.eval()
+
+
+@dataclass
+class Made:
+    """One region as materialized: its module, the node that calls it, and its report."""
+
+    module: nn.Module
+    node: fx.Node
+    name: str  # the module's path (after naming)
+    region: Region
+
+
+class Materializer:
+    """Rewrites the graph of ``ir`` after the analysis: one module per region."""
+
+    def __init__(self, ir: IR, analysis: Analysis, capture: bool = False) -> None:
+        self.ir, self.a = ir, analysis
+        self.graph = ir.graph
+        self.capture = capture
+        self.captured: dict[str, tuple] = {}  # region output -> (its ops, module, source)
+        self.views: dict[tuple, fx.Node] = {}  # (base, the chain so far) -> its op made anew
+
+    def run(self) -> list[Made]:
+        ir, a, graph = self.ir, self.a, self.graph
+        removed: set[fx.Node] = set()
+        made: list[Made] = []
+        done: dict[fx.Node, fx.Node] = {}  # region end -> the node that now computes it
+        replaced_by: dict[fx.Node, fx.Node] = {}  # a removed node -> a node of its shape
+        for b in [n for n in graph.nodes if n in a.boundaries]:
+            value = a.values.get(b)
+            if not isinstance(value, Lin):
+                continue
+            if spent(value):  # pragma: no cover - the analysis keeps every boundary's kernel
+                raise RuntimeError(f"reparam: the kernel of '{b}' was released too early")
+            if is_identity(value.kernel) and value.source is not b and not isinstance(
+                    value.source, View):
+                if (b in a.mutated or value.source in a.mutated
+                        or any(n.op == "call_method" for n in value.nodes)):
+                    continue  # clone() and contiguous() make a new tensor or layout: they stay
+                source = done.get(value.source, value.source)
+                b.replace_all_uses_with(source)
+                done[b] = source
+                removed |= value.nodes
+                continue
+            if trivial(ir, value):
+                continue
+            item = self._region(b, value, done, replaced_by)
+            if item is None:
+                continue
+            made.append(item)
+            removed |= value.nodes
+            a.values[b] = _released(value)  # its kernel now lives on in the module
+        self._repoint_shape_queries(removed, replaced_by)
+        self._erase(removed)
+        for node in graph.nodes:
+            if node.op in ("placeholder", "output") and isinstance(node.type, str):
+                node.type = None  # a string annotation (PEP 563) would not script
+        return made
+
+    # --- one region ----------------------------------------------------------------------------
+    def _region(self, b: fx.Node, value: Lin, done: dict, replaced_by: dict) -> Made | None:
+        ir, graph = self.ir, self.graph
+        nodes = ir.ordered(value.nodes)
+        view = value.source if isinstance(value.source, View) else None
+        if view is not None:
+            writer = ir.obs.first_writer.get(view.base)
+            if writer is not None and ir.position(writer) < ir.position(b):
+                return None  # the view is made before the region ends: its base must hold
+        main = max(value.nodes, key=lambda n: (ir.entries[n].macs, -ir.position(n)))
+        module = to_module(value.kernel, value.kernel.weight.dtype,  # cast by the analysis
+                           bias=value.biased)
+        fmt = self._memory_format(main)
+        if fmt is not None and module.weight.dim() == 4 + (fmt is torch.channels_last_3d):
+            module.to(memory_format=fmt)
+        base = done.get(source_node(value.source), source_node(value.source))
+        if self.capture:
+            self._capture(b, value, module)
+        if view is None:
+            source = base
+            where = graph.inserting_before(nodes[0])  # its ops read the source there
+        else:  # the view's ops, made anew as early as their inputs allow
+            source = self._remake(view, base, value, replaced_by)
+            where = graph.inserting_after(source)
+        with where:
+            new = graph.call_module(_TEMP, (source,))  # named once every region is known
+        new.meta = dict(b.meta)
+        b.replace_all_uses_with(new)
+        done[b] = new
+        for n in value.nodes:
+            if n not in replaced_by and shape_of(n) == source_shape(value.source):
+                replaced_by[n] = source
+            elif n not in replaced_by and shape_of(n) == shape_of(b):
+                replaced_by[n] = new
+        for n in value.nodes:  # a rank query needs a node of the same rank only
+            rank_of = shape_of(n)
+            if n not in replaced_by and rank_of is not None:
+                replaced_by.setdefault(("rank", n), source if len(rank_of) == len(
+                    source_shape(value.source) or ()) else new)
+        region = Region(
+            _TEMP, tuple(n.name for n in nodes), value.rules, value.kernel.geometry(),
+            sum(t.numel() for t in _params(ir, value.nodes)),
+            sum(p.numel() for p in module.parameters()),
+            ops_cost(ir, value.nodes), kernel_cost(b, value),
+            output=b.name, source=source_node(value.source).name)
+        return Made(module, new, self._base_name(main), region)
+
+    def _remake(self, view: View, base: fx.Node, value: Lin, replaced_by: dict) -> fx.Node:
+        """The view's layout ops made anew on ``base``: each reads the one made before it. Two
+        regions of views that share a beginning share its ops (NextViT's ``k`` and ``v`` read
+        one pooled view)."""
+        prev = base
+        for i, op_node in enumerate(view.chain):
+            key = (base, view.chain[:i + 1])
+            made = self.views.get(key)
+            if made is None:
+                data = self.ir.entries[op_node].op.inputs[0]
+
+                def arg(a, data=data, prev=prev):
+                    return prev if a is data else replaced_by.get(a, a)
+
+                inputs = [arg(a) for a in op_node.all_input_nodes]
+                with self.graph.inserting_after(self._latest(inputs)):
+                    made = self.graph.node_copy(op_node, arg)
+                made.meta = dict(op_node.meta)
+                self.views[key] = made
+            replaced_by.setdefault(op_node, made)
+            prev = made
+        for n in value.nodes:  # the per-channel ops before the view keep the base's shape
+            if n not in replaced_by and shape_of(n) == shape_of(base):
+                replaced_by[n] = base
+        return prev
+
+    def _latest(self, nodes: list[fx.Node]) -> fx.Node:
+        """The one of ``nodes`` that comes last in the graph (a view's op goes right after)."""
+        wanted = set(nodes)
+        last = None
+        for node in self.graph.nodes:
+            if node in wanted:
+                last = node
+        return last
+
+    def _capture(self, b: fx.Node, value: Lin, module: nn.Module) -> None:
+        from .verify import NotExtractable, region_module
+
+        if isinstance(value.source, View):
+            return  # the view's ops are checked as part of the whole model
+        try:
+            ops = region_module(self.ir.root, value.source, value.nodes, b,
+                                lambda n: n in self.ir.consts)
+        except NotExtractable:
+            return
+        self.captured[b.name] = (ops, module, value.source)
+
+    # --- the graph around ----------------------------------------------------------------------
+    def _repoint_shape_queries(self, removed: set[fx.Node], replaced_by: dict) -> None:
+        """A shape query of a removed node reads a node of the same shape (a rank query: of the
+        same rank) instead."""
+        for node in list(self.graph.nodes):
+            rank = is_rank_query(node)
+            if not (rank or is_shape_query(node)):
+                continue
+            x = node.args[0] if node.args else None
+            if x not in removed:
+                continue
+            other = replaced_by.get(x, replaced_by.get(("rank", x)) if rank else None)
+            if other is not None:
+                node.replace_input_with(x, other)
+
+    def _erase(self, removed: set[fx.Node]) -> None:
+        """Remove the replaced ops and whatever else no longer reaches the output, keeping every
+        node that writes a tensor, draws random numbers or has effects of its own."""
+        obs, consts = self.ir.obs, self.ir.consts
+        for node in reversed(list(self.graph.nodes)):
+            if node.users or node.op in ("placeholder", "output"):
+                continue
+            if node in obs.writers or node in obs.random:
+                continue
+            if node in removed or node in consts or node.op == "get_attr" or not _impure(node):
+                self.graph.erase_node(node)
+
+    def _memory_format(self, node: fx.Node) -> torch.memory_format | None:
+        """The channels-last format of a conv's weight (kept by the module that replaces it)."""
+        params = [t for t in self.ir.entries[node].params if t.dim() in (4, 5)]
+        w = max(params, key=lambda t: t.numel()) if params else None
+        if w is None or w.is_contiguous():
+            return None
+        for fmt in (torch.channels_last, torch.channels_last_3d):
+            if w.dim() == 4 + (fmt is torch.channels_last_3d) and w.is_contiguous(
+                    memory_format=fmt):
+                return fmt
+        return None
+
+    def _base_name(self, node: fx.Node) -> str:
+        """The name of the branch a region came from: its main op's module, or its weight's."""
+        if node.op == "call_module":
+            return str(node.target)
+        op = self.ir.entries[node].op
+        weight = op.attrs.get("weight") if op is not None else None
+        if isinstance(weight, fx.Node) and weight.op == "get_attr":
+            return str(weight.target).rsplit(".", 1)[0]
+        return node.name
+
+
+_TEMP = "_reparam_region"
+
+
+def _params(ir: IR, nodes: Iterable[fx.Node]) -> list[torch.Tensor]:
+    seen: dict[int, torch.Tensor] = {}
+    for n in nodes:
+        for t in ir.entries[n].params:
+            seen[id(t)] = t
+    return list(seen.values())
+
+
+def _released(value: Lin) -> Lin:
+    from .analysis import release
+
+    return release(value)
+
+
+def _impure(node: fx.Node) -> bool:
+    """Ops with effects besides their value (``torch._assert`` on data, a profiler mark, an
+    in-place method the run did not see write). A module call or a function nothing reads is
+    dead: an auxiliary head computed but not returned."""
+    from torch.fx.node import _side_effectful_functions
+
+    if node.op == "call_function":
+        return node.target in _side_effectful_functions
+    if node.op == "call_method":
+        return str(node.target).endswith("_")
+    return False
+
+
+def name_modules(root: nn.Module, graph: fx.Graph, made: list[Made]) -> list[Region]:
+    """Give each new module the name of the branch it came from, where that is free (no module or
+    attribute the folded graph still uses has that path or one above or below it), and set it on
+    ``root``; returns the regions with their names."""
+    used = {str(n.target) for n in graph.nodes if n.op in ("call_module", "get_attr")
+            and n.target != _TEMP}
+    taken = set(used) | {p.rsplit(".", i)[0] for p in used for i in range(1, p.count(".") + 1)}
+    regions = []
+    for item in made:
+        base = item.name or item.node.name
+        name, i = base, 1
+        while name in taken or any(t.startswith(name + ".") for t in taken) or any(
+                name.startswith(t + ".") for t in used):
+            name = f"{base}_{i}"
+            i += 1
+        taken.add(name)
+        taken |= {name.rsplit(".", j)[0] for j in range(1, name.count(".") + 1)}
+        _set_module(root, name, item.module)
+        with graph.inserting_before(item.node):
+            new = graph.call_module(name, item.node.args)
+        new.meta = item.node.meta
+        item.node.replace_all_uses_with(new)
+        graph.erase_node(item.node)
+        item.name = name
+        regions.append(_named(item.region, name, new.name))
+    return regions
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    *parents, last = path.split(".")
+    holder = root
+    for part in parents:
+        child = getattr(holder, part, None)
+        if not isinstance(child, nn.Module):
+            child = nn.Module()
+            holder.add_module(part, child)
+        holder = child
+    if last in holder._modules:
+        holder._modules[last] = module
+    else:
+        if hasattr(holder, last):
+            delattr(holder, last)
+        holder.add_module(last, module)
+
+
+def _named(region: Region, name: str, node: str) -> Region:
+    from dataclasses import replace
+
+    return replace(region, name=name, node=node)
+

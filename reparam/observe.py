@@ -179,9 +179,15 @@ class _Interpreter(fx.Interpreter):
         watch.writes, watch.random = set(), None
         result = super().run_node(n)
         self.order[n] = len(self.order)
-        if watch.writes:
+        # writes into tensors that existed before this node: a graph value, or a leaf module's
+        # own parameter or buffer (scratch tensors a node makes and fills do not count)
+        writes = {key for key in watch.writes if key in self.producers}
+        if n.op == "call_module" and watch.writes - writes:
+            module = self.fetch_attr(str(n.target))
+            writes |= watch.writes & caller_storages(module)
+        if writes:
             self.obs.writers.add(n)
-            for key in watch.writes:
+            for key in writes:
                 for m in self.producers.get(key, (None, ()))[1]:
                     self.obs.first_writer.setdefault(m, n)
                     if m.op == "get_attr":

@@ -81,10 +81,15 @@ class Report:
     input_shapes: list[tuple[int, ...]] = field(default_factory=list)  # what fold ran on
     verified_error: float | None = None  # folded vs original on the example inputs (verify)
     notes: list[str] = field(default_factory=list)  # what else a user should know
+    # sums and concats of tensors that are not one linear map of one input (a ResNet's
+    # residuals): joins of the network, not leftovers
+    joins: list[Leftover] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
-        """Every linear op that could meet another was merged, and everything was traced."""
+        """No linear op that could merge with another is left, and everything was traced (joins
+        of different tensors, a ResNet's residual adds, do not count: nothing could merge them).
+        """
         return not self.leftovers and not self.untraced
 
     def merge(self, other: Report, prefix: str) -> None:
@@ -94,13 +99,15 @@ class Report:
             self.regions.append(replace(r, name=dot + r.name,
                                         replaced=tuple(dot + n for n in r.replaced)))
         self.leftovers += [Leftover(dot + x.node, x.op, x.reason) for x in other.leftovers]
+        self.joins += [Leftover(dot + x.node, x.op, x.reason) for x in other.joins]
         self.untraced += [(dot + p, why) for p, why in other.untraced]
         self.notes += [f"{prefix}: {n}" if prefix else n for n in other.notes]
 
     def summary(self) -> list[str]:
         """The lines above the tables: counts, the input the MACs were measured at, the error."""
+        joins = f", {len(self.joins)} joins" if self.joins else ""
         lines = [f"reparam: {len(self.regions)} regions folded, "
-                 f"{len(self.leftovers)} linear ops left, "
+                 f"{len(self.leftovers)} linear ops left{joins}, "
                  f"params {self.params_before:,} -> {self.params_after:,}"]
         if self.input_shapes:
             lines.append("input: " + ", ".join(shape_text(s) for s in self.input_shapes)
@@ -129,6 +136,10 @@ class Report:
         if self.leftovers:
             rows = tuple((x.node, x.op, x.reason) for x in self.leftovers)
             tables.append(Table("left unfolded:", ("node", "op", "reason"), rows))
+        if self.joins:
+            rows = tuple((x.node, x.op, x.reason) for x in self.joins)
+            tables.append(Table("joins (of tensors that are not one linear map of one input):",
+                                ("node", "op", "reason"), rows))
         if self.untraced:
             rows = tuple((path or "(the model)", why) for path, why in self.untraced)
             tables.append(Table("not traced (folded inside where possible):",

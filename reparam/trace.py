@@ -16,6 +16,7 @@ import inspect
 import textwrap
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
@@ -104,15 +105,31 @@ def own_tensors(folded: nn.Module, original: nn.Module) -> None:
 
 class _Tracer(fx.Tracer):
     """torch.fx's tracer with leaf modules, and parameter names looked up in a table (torch's
-    default scans every parameter for every attribute read: quadratic on large models)."""
+    default scans every parameter for every attribute read: quadratic on large models).
 
-    def __init__(self, leaves: set[str] | frozenset[str] = frozenset()) -> None:
-        super().__init__()  # the default lets torch.load re-create a pickled GraphModule
+    Leaves: the paths named, the modules a pattern of the rule set reads as one op (a user's
+    ``Module(Scale)`` rule makes ``Scale`` a leaf), and modules whose code uses
+    ``torch.autocast``, which torch.fx does not record (they run as they are; their children are
+    folded one by one)."""
+
+    def __init__(self, leaves: set[str] | frozenset[str] = frozenset(),
+                 recognizer=None) -> None:
+        super().__init__()  # the defaults let torch.load re-create a pickled GraphModule
         self.leaves = leaves
+        self.recognizer = recognizer
+        self.autocast: dict[str, str] = {}  # path -> why it was kept whole
         self._names: dict[int, str] | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+        if qualname in self.leaves or super().is_leaf_module(m, qualname):
+            return True
+        if self.recognizer is not None and self.recognizer.is_leaf(m):
+            return True
+        if qualname and _uses_autocast(type(m)):
+            self.autocast[qualname] = (f"{type(m).__name__} uses torch.autocast, which torch.fx "
+                                       "does not record: it runs as it is")
+            return True
+        return False
 
     def _name_of(self, t: torch.Tensor) -> str | None:
         if self._names is None:
@@ -141,11 +158,26 @@ class _Tracer(fx.Tracer):
         return parameter_proxy_cache[name]
 
 
-def trace(make_copy: Callable[[], nn.Module], leaf_modules: Iterable[str] = ()
-          ) -> tuple[fx.GraphModule, list[tuple[str, str]]]:
+@dataclass
+class Traced:
+    """A traced copy of a model: the copy (``root``, whose modules the graph calls), the graph,
+    the model's class name, and the ``(path, reason)`` of each submodule kept whole."""
+
+    root: nn.Module
+    graph: fx.Graph
+    name: str
+    untraced: list[tuple[str, str]]
+
+    def module(self) -> fx.GraphModule:
+        """The traced graph as a graph module (code is generated here)."""
+        return fx.GraphModule(self.root, self.graph, self.name)
+
+
+def trace(make_copy: Callable[[], nn.Module], leaf_modules: Iterable[str] = (),
+          recognizer=None) -> Traced:
     """Trace a fresh copy of the model; a submodule that fails to trace becomes a leaf, retried.
 
-    Returns the graph module and the ``(path, reason)`` of each submodule made a leaf. Raises
+    No code is generated here (a graph module is made once, after folding). Raises
     :class:`TraceError` when the top-level module itself does not trace.
     """
     leaves = set(leaf_modules)
@@ -155,7 +187,7 @@ def trace(make_copy: Callable[[], nn.Module], leaf_modules: Iterable[str] = ()
         if "forward" in vars(root):  # torch.fx would trace the class's forward, not this one
             raise TraceError(f"{type(root).__name__}'s forward is replaced on the instance, "
                              "which torch.fx does not trace: it is kept as it is")
-        tracer = _Tracer(leaves)
+        tracer = _Tracer(leaves, recognizer)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -173,8 +205,32 @@ def trace(make_copy: Callable[[], nn.Module], leaf_modules: Iterable[str] = ()
             leaves.add(path)
             untraced.append((path, why))
             continue
-        return fx.GraphModule(tracer.root, graph, type(root).__name__), untraced
+        return Traced(tracer.root, graph, type(root).__name__,
+                      untraced + list(tracer.autocast.items()))
     raise TraceError("too many untraceable submodules")  # pragma: no cover
+
+
+@functools.cache
+def _class_trees(cls: type) -> tuple[ast.AST, ...]:
+    """The parsed source of the class and its bases outside torch (where it can be read)."""
+    trees = []
+    for klass in cls.__mro__:
+        if klass is object or klass.__module__.startswith("torch."):
+            continue
+        try:
+            trees.append(ast.parse(textwrap.dedent(inspect.getsource(klass))))
+        except (OSError, TypeError, SyntaxError):
+            continue
+    return tuple(trees)
+
+
+@functools.cache
+def _uses_autocast(cls: type) -> bool:
+    """Whether the class's code (outside torch) names ``autocast`` (``torch.autocast``,
+    ``torch.amp.autocast``, ``torch.cuda.amp.autocast``)."""
+    return any(isinstance(n, (ast.Attribute, ast.Name)) and "autocast" in (
+        n.attr if isinstance(n, ast.Attribute) else n.id)
+        for tree in _class_trees(cls) for n in ast.walk(tree))
 
 
 @functools.cache
@@ -182,16 +238,7 @@ def _augments(cls: type) -> bool:
     """Whether the class (any method: ``forward`` may call helpers) or a base class outside torch
     has an augmented assignment (``x += y``), which torch.fx records as an out-of-place op: wrong
     if another name still refers to the old tensor."""
-    for klass in cls.__mro__:
-        if klass is object or klass.__module__.startswith("torch."):
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError, SyntaxError):
-            continue
-        if any(isinstance(node, ast.AugAssign) for node in ast.walk(tree)):
-            return True
-    return False
+    return any(isinstance(n, ast.AugAssign) for tree in _class_trees(cls) for n in ast.walk(tree))
 
 
 def has_augmented_assignment(model: nn.Module) -> bool:
@@ -215,11 +262,12 @@ _FIRST_OPS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, nn.ConvTranspose1d: 1,
               nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
 
 
-def guess_inputs(model: nn.Module, gm: fx.GraphModule) -> tuple:
+def guess_inputs(model: nn.Module, traced: Traced) -> tuple:
     """A plausible input when the caller gave none: the model's own ``default_input_size`` (the
     zoo networks state their paper's, e.g. ``(3, 224, 224)``), timm's ``input_size``, or one
     fitted to the first layer."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    gm = traced.root
+    placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise ReparamError(
             f"{type(model).__name__}.forward takes {len(placeholders)} inputs; pass "

@@ -1,8 +1,10 @@
 """What the graph layer knows about a node: linear in one source, a constant, or opaque.
 
-Rules are small values (:class:`Rule`); their fold functions receive a :class:`Context` that
-resolves operands and records which laws were used. A rule whose pattern does not apply returns
-``None``; one whose pattern applies but whose exactness condition fails raises :class:`NoFold`.
+Rules are small values (:class:`Rule`): what they match (patterns, :mod:`reparam.pattern`) beside
+how they fold. Their fold functions receive a :class:`~reparam.context.Context` that resolves
+operands and records which laws were used. A rule returns the node's :class:`Lin`, ``None`` when
+the node is not its case ("not mine"), or raises :class:`NoFold` when the fold would not be exact
+("not exact, because ...").
 """
 
 from __future__ import annotations
@@ -11,35 +13,77 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import fx
 
 from .kernel import Kernel
+from .nodes import shape_of
+from .pattern import Pattern, patterns_of
 
 
 class NoFold(Exception):
     """A rule applies to this node but cannot fold it exactly; ``str(self)`` says why.
 
     ``barrier`` names a node that, materialized on its own, would let the fold succeed (two
-    branches that meet only if one of them starts where the other passes through).
+    branches that meet only if one of them starts where the other passes through). ``join``
+    marks a sum or concat of tensors that are not one linear map of one input (a ResNet's
+    residual): not a leftover but a join of the network.
     """
 
-    def __init__(self, reason: str, barrier: object = None) -> None:
+    def __init__(self, reason: str, barrier: object = None, join: bool = False) -> None:
         super().__init__(reason)
         self.barrier = barrier
+        self.join = join
+
+
+@dataclass(frozen=True)
+class View:
+    """``base`` seen through ops that move elements (transpose, permute, flatten, reshape) or
+    average them, which a per-channel affine map commutes with: ``chain[-1](...chain[0](base))``,
+    each op of ``chain`` re-pointed to read the one before it, the first to read ``base``.
+
+    A per-channel map moved past such ops (a BN before FastViT's ``flatten -> transpose ->
+    Linear``) is a map of this view; a region of it reads the view, made anew on ``base``."""
+
+    base: fx.Node
+    chain: tuple[fx.Node, ...]
+
+    @property
+    def name(self) -> str:
+        return self.chain[-1].name
+
+    def __repr__(self) -> str:
+        return f"View({self.base.name} -> {' -> '.join(n.name for n in self.chain)})"
+
+
+Source = fx.Node | View
+
+
+def source_node(source: Source) -> fx.Node:
+    """The graph node a source reads (a view's base)."""
+    return source.base if isinstance(source, View) else source
+
+
+def source_shape(source: Source) -> torch.Size | None:
+    """The traced shape of a source (a view's: its last op's output)."""
+    return shape_of(source.chain[-1] if isinstance(source, View) else source)
 
 
 @dataclass(frozen=True, eq=False)
 class Lin:
-    """``node = kernel(source)``: the node's value is one affine map of an opaque ``source``.
+    """``node = kernel(source)``: the node's value is one affine map of an opaque ``source`` (a
+    node, or a :class:`View` of one).
 
-    ``nodes`` are the op nodes folded into ``kernel`` (empty for the source itself) and ``rules``
-    the names of the rules and laws used, in first-use order.
-    """
+    ``nodes`` are the op nodes folded into ``kernel`` (empty for the source itself), ``rules``
+    the names of the rules and laws used, in first-use order, and ``biased`` whether one of the
+    ops adds a bias (a BN, a biased conv, a shift): the folded module then keeps a bias even
+    where its values are zero, as a trained model's deploy form has."""
 
-    source: fx.Node
+    source: Source
     kernel: Kernel
     nodes: frozenset[fx.Node]
     rules: tuple[str, ...] = ()
+    biased: bool = False
 
     @property
     def is_source(self) -> bool:
@@ -66,26 +110,34 @@ Value = Lin | Const | Opaque
 
 @dataclass(frozen=True)
 class Rule:
-    """A fold rule: the op ``kinds`` it folds and how; or, with no kinds, a law other rules use.
+    """A fold rule: the patterns it ``matches`` and how it folds them; or, with no patterns, a
+    law other rules use (enabled by its presence in the rule set).
 
     ``fold(ctx, op)`` returns the node's :class:`Lin` value, ``None`` when the rule does not apply,
     or raises :class:`NoFold` with the reason when the fold would not be exact.
     """
 
     name: str
-    kinds: tuple[str, ...]
+    matches: tuple[Pattern, ...]
     fold: Callable[[Any, Any], Lin | None] | None
     doc: str
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The op kinds its patterns read (labels for reports and docs)."""
+        return tuple(dict.fromkeys(p.kind for p in self.matches))
 
     def __repr__(self) -> str:
         return f"Rule({self.name})"
 
 
-def rule(name: str, *kinds: str) -> Callable[[Callable], Rule]:
-    """Decorator: turn a fold function into a :class:`Rule` named ``name`` for op ``kinds``."""
+def rule(name: str, *matches: Pattern | Iterable[Pattern]) -> Callable[[Callable], Rule]:
+    """Decorator: turn a fold function into a :class:`Rule` named ``name`` matching ``matches``
+    (patterns, or tuples of them such as :data:`reparam.rules.ops.CONV`)."""
+    patterns = patterns_of(matches)
 
     def wrap(fn: Callable) -> Rule:
-        return Rule(name, kinds, fn, (fn.__doc__ or "").strip())
+        return Rule(name, patterns, fn, (fn.__doc__ or "").strip())
 
     return wrap
 

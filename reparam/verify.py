@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from .ops import shape_of
+from .nodes import shape_of
 
 # max |got - want| / max |want| that the folded model may differ from the original, by dtype
 SCREEN = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}

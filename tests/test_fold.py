@@ -217,9 +217,11 @@ def test_resnet_folds_every_bn_and_keeps_residual_adds():
     assert ops(folded) == {"conv": 6, "add": 2}
     assert_equivalent(m, folded, x)
     report = folded.reparam_report
-    assert not report.complete
-    assert all("different tensors" in left.reason for left in report.leftovers)
-    assert any("relu" in left.reason for left in report.leftovers)
+    # the residual adds join different tensors: joins of the network, not leftovers
+    assert report.complete and not report.leftovers, str(report)
+    assert len(report.joins) == 2
+    assert all("different tensors" in x.reason for x in report.joins)
+    assert any("relu" in x.reason for x in report.joins)
 
 
 # --- random blocks of random branches ----------------------------------------------------------

@@ -74,11 +74,13 @@ def test_bn_before_reflect_padded_conv_folds():
 
 
 def test_relu_inside_a_branch_stays_and_is_named():
+    """The ReLU makes the sum a join of two tensors (not one linear map of one input): listed
+    apart from the leftovers, naming the ReLU; every linear op that could merge did."""
     block = Branches(nn.Sequential(conv_bn(4, 4, 3, 1, 1), nn.ReLU()), conv_bn(4, 4, 1))
     folded, report = fold_and_check(block, torch.randn(2, 4, 6, 6))
     assert n_ops(folded, "add") == 1 and n_ops(folded, "batch_norm") == 0
-    assert not report.complete
-    assert "ReLU" in reasons(report)
+    assert [x.node for x in report.joins] == ["add"] and "ReLU" in report.joins[0].reason
+    assert report.complete and not report.leftovers
 
 
 class Shared(nn.Module):

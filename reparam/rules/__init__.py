@@ -2,6 +2,7 @@
 concatenate them to build your own (``REPVGG + (my_rule,)``)."""
 
 from ..values import Rule, law, rule
+from . import ops
 from .common import (
     COMMON,
     avg_pool_as_conv,
@@ -20,6 +21,7 @@ from .common import (
     sequential_kxk_kxk,
     zero_pad,
 )
+from .layout import LAYOUT, layout_affine
 from .tokens import TOKENS, token_reshape
 
 #: RepVGG and MobileOne: conv+BN, 1x1 padded into KxK, BN identity as a (grouped) Dirac kernel.
@@ -32,12 +34,15 @@ DBB: tuple[Rule, ...] = COMMON + (
     avg_pool_as_conv, zero_pad, concat_branches,
 )
 #: Everything reparam knows (the default): DBB plus BN before a conv, regrouping, KxK then KxK,
-#: and per-channel ops inside a flatten/reshape of tokens (LeViT).
-ALL: tuple[Rule, ...] = DBB + (bn_conv, regroup, sequential_kxk_kxk) + TOKENS
+#: per-channel ops inside a flatten/reshape of tokens (LeViT), and a per-channel map moved past
+#: layout ops and averages into the linear layer after them (FastViT, NextViT). The layout rule
+#: comes first: where nothing takes a BN in after an average pool, the pool takes it in instead.
+ALL: tuple[Rule, ...] = LAYOUT + DBB + (bn_conv, regroup, sequential_kxk_kxk) + TOKENS
 
 __all__ = [
-    "ACNET", "ALL", "COMMON", "DBB", "REPVGG", "Rule", "avg_pool_as_conv", "bn_conv",
+    "ACNET", "ALL", "COMMON", "DBB", "LAYOUT", "REPVGG", "Rule", "avg_pool_as_conv", "bn_conv",
     "concat_branches", "conv", "conv_bn", "identity_as_dirac", "identity_ops", "law",
+    "layout_affine", "ops",
     "pad_small_kernel", "parallel_sum", "regroup", "rule", "scale_shift", "sequential_1x1_kxk",
     "sequential_kxk_1x1", "sequential_kxk_kxk", "TOKENS", "token_reshape", "zero_pad",
 ]

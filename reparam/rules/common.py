@@ -10,12 +10,14 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import fx
 
 from .. import kernel as K
 from ..context import Context, Layout
 from ..kernel import Kernel, NotExact
-from ..ops import Op
-from ..values import Lin, NoFold, law, rule
+from ..pattern import Op
+from ..values import Lin, NoFold, View, law, rule
+from .ops import ADD, AVG_POOL, BATCH_NORM, CAT, CONV, DIV, IDENTITY, LINEAR, MUL, NEG, PAD, SUB
 
 # --- laws that rules call on ------------------------------------------------------------------
 
@@ -107,15 +109,16 @@ def _rank_layout(ctx: Context, arg) -> Layout | None:
 
 # --- op rules ---------------------------------------------------------------------------------
 
-@rule("conv", "conv", "linear")
+@rule("conv", CONV, LINEAR)
 def conv(ctx: Context, op: Op) -> Lin:
     """A(x) -> conv => conv'(x). Starts a linear map at a conv, transposed conv or linear layer,
     and composes it with the map before it through bn_conv or a sequential law, each with its own
     exactness condition."""
     k = conv_kernel(ctx, op)
+    biased = op.attrs["bias"] is not None
     x = ctx.lin(op.inputs[0], (k.nd, k.channels_last))
     if x.is_source:
-        return ctx.result(k, x, rule="conv")
+        return ctx.result(k, x, rule="conv", biased=biased)
     a = x.kernel
     if a.is_diagonal:
         ctx.require("bn_conv")
@@ -126,7 +129,7 @@ def conv(ctx: Context, op: Op) -> Lin:
     else:
         ctx.require("sequential_kxk_kxk")
     _refuse_huge_and_dear(a, k)
-    return ctx.result(_exact(K.compose, a, k), x, rule="conv")
+    return ctx.result(_exact(K.compose, a, k), x, rule="conv", biased=biased)
 
 
 _HUGE = 1 << 20  # weights (8 MiB in float64)
@@ -144,7 +147,7 @@ def _refuse_huge_and_dear(a: Kernel, b: Kernel) -> None:
                      f"{numel:,} weights, dearer than the two apart (cost policy)")
 
 
-@rule("conv_bn", "batch_norm")
+@rule("conv_bn", BATCH_NORM)
 def conv_bn(ctx: Context, op: Op) -> Lin:
     """A(x) -> BN => A'(x) with W * g / sqrt(v + eps) and (b - m) * g / sqrt(v + eps) + beta.
     Always exact in eval mode. A BN on a tensor no linear op made is a per-channel affine map that
@@ -165,10 +168,11 @@ def conv_bn(ctx: Context, op: Op) -> Lin:
         raise NoFold("running_var + eps is 0 (or negative) for some channel: the BN divides by "
                      "zero there, so it is kept as it is")
     x = ctx.lin(op.inputs[0], _rank_layout(ctx, op.inputs[0]))
-    return ctx.result(K.fuse_bn(x.kernel, mean, var, gamma, beta, eps), x, rule="conv_bn")
+    return ctx.result(K.fuse_bn(x.kernel, mean, var, gamma, beta, eps), x, rule="conv_bn",
+                      biased=True)
 
 
-@rule("scale_shift", "mul", "div", "add", "sub", "neg")
+@rule("scale_shift", MUL, DIV, ADD, SUB, NEG)
 def scale_shift(ctx: Context, op: Op) -> Lin | None:
     """A(x) * c, A(x) / c, A(x) + c, A(x) - c, c - A(x), -A(x) => A'(x), c a scalar or one value
     per channel (layer scale, MobileOne's scale branch weight). Always exact."""
@@ -209,15 +213,15 @@ def scale_shift(ctx: Context, op: Op) -> Lin | None:
         out = K.scale_out(k, alpha, c) if const_first else K.scale_out(k, 1.0, alpha * c)
     else:  # sub
         out = K.scale_out(k, -alpha, c) if const_first else K.scale_out(k, 1.0, -alpha * c)
-    return ctx.result(out, x, rule="scale_shift")
+    return ctx.result(out, x, rule="scale_shift", biased=op.kind in ("add", "sub"))
 
 
-def _source_name(lin: Lin) -> str:
-    node = lin.source
+def _source_name(ctx: Context, lin: Lin) -> str:
+    node = lin.source.base if isinstance(lin.source, View) else lin.source
     if node.op == "placeholder":
         return f"the input '{node.name}'"
-    what = node.meta.get("_reparam_what", node.op)
-    if node.meta.get("_reparam_linear"):
+    what = ctx.what(node)
+    if ctx.is_op(node):
         return f"'{node.name}' ({what}, where another linear region ends)"
     return f"'{node.name}' ({what}, not linear)"
 
@@ -233,21 +237,22 @@ def _branch_laws(ctx: Context, kernels: list[Kernel]) -> None:
         ctx.require("regroup")
 
 
-def _same_source(lins: list[Lin]) -> None:
+def _same_source(ctx: Context, lins: list[Lin]) -> None:
     """All branches must read one input. When one branch starts at a node that another passes
     through, that node is the meeting point: the refusal names it, so the driver can make it a
-    region boundary and both branches read it."""
+    region boundary and both branches read it. Otherwise the sum or concat joins different
+    tensors (a ResNet's residual): a join of the network, not a leftover."""
     first = lins[0]
     for other in lins[1:]:
-        if other.source is not first.source:
+        if other.source != first.source:
             meet = next((a.source for a, b in ((first, other), (other, first))
-                         if a.source in b.nodes), None)
-            raise NoFold(f"branches read different tensors, {_source_name(first)} and "
-                         f"{_source_name(other)}: the sum is not one linear map of one input",
-                         barrier=meet)
+                         if isinstance(a.source, fx.Node) and a.source in b.nodes), None)
+            raise NoFold(f"branches read different tensors, {_source_name(ctx, first)} and "
+                         f"{_source_name(ctx, other)}: the sum is not one linear map of one "
+                         "input", barrier=meet, join=meet is None)
 
 
-@rule("parallel_sum", "add", "sub")
+@rule("parallel_sum", ADD, SUB)
 def parallel_sum(ctx: Context, op: Op) -> Lin | None:
     """A(x) + B(x) (or A(x) - B(x)) => (A + B)(x): kernels summed after aligning their taps.
     Exact when both read the same input with the same stride and alignment (padding -
@@ -261,7 +266,7 @@ def parallel_sum(ctx: Context, op: Op) -> Lin | None:
         raise NoFold("the operands have different (broadcast) or unknown shapes")
     layout = ctx.layout_of(first) if isinstance(ctx.value(first), Lin) else ctx.layout_of(second)
     a, b = ctx.lin(first, layout), ctx.lin(second, layout)
-    _same_source([a, b])
+    _same_source(ctx, [a, b])
     alpha = op.attrs.get("alpha", 1)
     kb = b.kernel if alpha == 1 and op.kind == "add" else K.scale_out(
         b.kernel, -alpha if op.kind == "sub" else alpha)
@@ -269,7 +274,7 @@ def parallel_sum(ctx: Context, op: Op) -> Lin | None:
     return ctx.result(_exact(K.add, [a.kernel, kb]), a, b, rule="parallel_sum")
 
 
-@rule("concat_branches", "cat")
+@rule("concat_branches", CAT)
 def concat_branches(ctx: Context, op: Op) -> Lin | None:
     """cat([A(x), B(x)], channels) => [A; B](x): kernels stacked after aligning their taps.
     Exact under the conditions of parallel_sum; grouped branches are made dense (regroup)."""
@@ -285,7 +290,7 @@ def concat_branches(ctx: Context, op: Op) -> Lin | None:
     if op.attrs["dim"] % len(out) != axis:
         raise NoFold("cat along an axis other than channels")
     lins = [ctx.lin(t, layout) for t in tensors]
-    _same_source(lins)
+    _same_source(ctx, lins)
     kernels = [lin.kernel for lin in lins]
     _branch_laws(ctx, kernels)
     if any(k.groups > 1 for k in kernels):
@@ -293,7 +298,7 @@ def concat_branches(ctx: Context, op: Op) -> Lin | None:
     return ctx.result(_exact(K.concat, kernels), *lins, rule="concat_branches")
 
 
-@rule("avg_pool_as_conv", "avg_pool")
+@rule("avg_pool_as_conv", AVG_POOL)
 def avg_pool_as_conv(ctx: Context, op: Op) -> Lin:
     """A(x) -> avgpool(K, s, p) => A'(x) with a depthwise 1/K^d kernel composed in. Exact when
     padded zeros count in the divisor (count_include_pad, or padding 0, or divisor_override) and
@@ -316,7 +321,7 @@ def avg_pool_as_conv(ctx: Context, op: Op) -> Lin:
     return ctx.result(_exact(K.compose, x.kernel, pool), x, rule="avg_pool_as_conv")
 
 
-@rule("zero_pad", "pad")
+@rule("zero_pad", PAD)
 def zero_pad(ctx: Context, op: Op) -> Lin:
     """pad(A(x)) => A'(x) with a larger padding. Exact when A is pointwise and either the pad is
     zeros and A has no bias (its output at the border is 0), or the pad is reflect, replicate or
@@ -360,7 +365,7 @@ def zero_pad(ctx: Context, op: Op) -> Lin:
                              k.channels_last), x, rule="zero_pad")
 
 
-@rule("identity_ops", "identity")
+@rule("identity_ops", IDENTITY)
 def identity_ops(ctx: Context, op: Op) -> Lin:
     """Identity, Dropout (eval), contiguous, clone => nothing. Always exact."""
     x = ctx.lin(op.inputs[0], ctx.layout_of(op.inputs[0]))

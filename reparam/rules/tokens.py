@@ -20,13 +20,9 @@ closes (a chain of single-user per-channel ops ending at a reshape back to the l
 shape); :func:`output_shape` lets the driver refuse to materialize a region anywhere its folded
 module would not reproduce the traced shape.
 
-Op kinds this rule reads (produced by :func:`reparam.ops.describe`):
-
-* ``"flatten"``: ``x.flatten(start, end)``, ``torch.flatten(x, start, end)``, ``nn.Flatten``;
-    inputs ``(x,)``, attrs ``start_dim``, ``end_dim``.
-* ``"reshape"``: ``x.reshape(*shape)``, ``x.view(*shape)``, ``torch.reshape(x, shape)``
-    (attrs ``shape``), ``x.reshape_as(y)``, ``x.view_as(y)`` (attrs ``like=y``); inputs ``(x,)``
-    only: ``y`` of ``reshape_as`` gives a shape, not data.
+It matches :data:`reparam.rules.ops.FLATTEN` (``x.flatten(start, end)``, ``torch.flatten``,
+``nn.Flatten``) and :data:`reparam.rules.ops.RESHAPE` (``x.reshape(*shape)``, ``x.view(*shape)``,
+``torch.reshape``, ``x.reshape_as(y)``, ``x.view_as(y)``; ``y`` gives a shape, not data).
 
 Only the traced shapes are used (``node.meta``), never the attrs' values, so a shape computed at
 run time (``x.view(b, n, -1)`` from ``x.shape``) is fine.
@@ -35,57 +31,21 @@ run time (``x.view(b, n, -1)`` from ``x.shape``) is fine.
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Sequence
 from dataclasses import replace
 
 from torch import fx
 
 from ..context import Context
-from ..kernel import Kernel
-from ..ops import Op, describe, shape_of
+from ..cost import output_shape
+from ..pattern import Op
 from ..values import Lin, NoFold, rule
+from .ops import BATCH_NORM, FLATTEN, IDENTITY, RESHAPE
 
 SHAPE_KINDS = ("flatten", "reshape")
 # ops allowed between the flatten and the reshape that undoes it: each folds for sure, so the
 # open middle of the sandwich never has to be materialized on its own
-_INSIDE_KINDS = ("batch_norm", "identity")
-
-_modules_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _modules(node: fx.Node) -> dict:
-    gm = node.graph.owning_module
-    if gm is None:
-        return {}
-    found = _modules_cache.get(gm)
-    if found is None:
-        found = dict(gm.named_modules())
-        _modules_cache[gm] = found
-    return found
-
-
-def output_shape(k: Kernel, source_shape: Sequence[int]) -> tuple[int, ...] | None:
-    """The shape ``k`` produces from a tensor of ``source_shape``, or ``None`` if it cannot run.
-
-    A driver may compare this with a barrier's traced shape before materializing it: a region
-    that ends inside a shape-only sandwich would otherwise give a tensor of the wrong shape.
-    """
-    s = tuple(int(d) for d in source_shape)
-    if k.nd == 0:
-        if len(s) < 2 or s[-1] != k.in_channels:
-            return None
-        return s[:-1] + (k.out_channels,)
-    if len(s) != k.nd + 2 or s[1] != k.in_channels:
-        return None
-    out = []
-    for i, size in enumerate(s[2:]):
-        taps = k.dilation[i] * (k.kernel_size[i] - 1) + 1
-        if k.transposed:
-            out.append((size - 1) * k.stride[i] - 2 * k.padding[i] + taps + k.output_padding[i])
-        else:
-            out.append((size + 2 * k.padding[i] - taps) // k.stride[i] + 1)
-    return (s[0], k.out_channels, *out)
+_INSIDE_KINDS = tuple(dict.fromkeys(p.kind for p in (*BATCH_NORM, *IDENTITY)))
 
 
 def _keeps_last_axis(before: Sequence[int] | None, after: Sequence[int] | None) -> bool:
@@ -93,12 +53,11 @@ def _keeps_last_axis(before: Sequence[int] | None, after: Sequence[int] | None) 
             and before[-1] == after[-1] and math.prod(before) == math.prod(after))
 
 
-def _closes(node: fx.Node, want: tuple[int, ...]) -> str | None:
+def _closes(ctx: Context, node: fx.Node, want: tuple[int, ...]) -> str | None:
     """Follow ``node``'s single users through BNs and identities to a reshape back to ``want``.
 
     Returns ``None`` when the sandwich closes, else the reason it does not.
     """
-    modules = _modules(node)
     current = node
     for _ in range(64):
         users = list(current.users)
@@ -106,15 +65,15 @@ def _closes(node: fx.Node, want: tuple[int, ...]) -> str | None:
             return (f"'{current.name}' (inside a flatten ... reshape of tokens) is used "
                     f"{len(users)} times, so its tensor would be needed in the flattened shape")
         user = users[0]
-        op = describe(user, modules)
+        op = ctx.op_of(user)
         if op is None or current not in op.inputs:
             return (f"'{user.name}' reads the flattened tokens and is not a per-channel op, so "
                     "the flatten is not undone before a non-linear op")
         if op.kind in SHAPE_KINDS:
-            shape = shape_of(user)
+            shape = ctx.shape(user)
             if shape is not None and tuple(shape) == want:
                 return None
-            if not _keeps_last_axis(shape_of(current), shape):
+            if not _keeps_last_axis(ctx.shape(current), shape):
                 return f"'{user.name}' reshapes the channel axis"
         elif op.kind not in _INSIDE_KINDS:
             return f"'{user.name}' ({op.kind}) is not a BN or an identity"
@@ -124,7 +83,7 @@ def _closes(node: fx.Node, want: tuple[int, ...]) -> str | None:
     return "the flatten is not undone within 64 ops"
 
 
-@rule("token_reshape", *SHAPE_KINDS)
+@rule("token_reshape", FLATTEN, RESHAPE)
 def token_reshape(ctx: Context, op: Op) -> Lin | None:
     """linear(x).flatten(0, 1) -> BN1d -> .reshape_as(linear(x)) => linear'(x) (LeViT's
     LinearNorm). A reshape that keeps the last (channel) axis commutes with a linear layer on
@@ -147,7 +106,7 @@ def token_reshape(ctx: Context, op: Op) -> Lin | None:
         raise NoFold(f"the shape of the linear map's input '{value.source}' is unknown")
     laid_out = replace(k, channels_last=len(after) > 2)
     if tuple(after) != want:  # an open sandwich: allowed only if it visibly closes
-        why = _closes(ctx.node, want)
+        why = _closes(ctx, ctx.node, want)
         if why is not None:
             raise NoFold(why)
     return ctx.result(laid_out, value, rule="token_reshape")

@@ -1,0 +1,72 @@
+"""What a traced graph says about a node: its observed shape and dtype, the tensor it names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+
+def _meta(node: Any) -> Any:
+    """What the observed run recorded of a node's output (a tensor, or its shape and dtype)."""
+    if not isinstance(node, fx.Node):
+        return None
+    val = node.meta.get("val")
+    return val if isinstance(val, torch.Tensor) else node.meta.get("tensor_meta")
+
+
+def shape_of(node: Any) -> torch.Size | None:
+    """The observed output shape of ``node`` (see :mod:`reparam.observe`), if it is a tensor."""
+    return getattr(_meta(node), "shape", None)
+
+
+def dtype_of(node: Any) -> torch.dtype | None:
+    return getattr(_meta(node), "dtype", None)
+
+
+def fetch(root: nn.Module, target: str) -> Any:
+    """The attribute at dotted path ``target`` of ``root`` (a ``get_attr`` node's target)."""
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def tensor_of(root: nn.Module, arg: Any) -> torch.Tensor | None:
+    """An op attribute as a tensor: itself, or what its ``get_attr`` node reads; else ``None``."""
+    if isinstance(arg, torch.Tensor):
+        return arg
+    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        value = fetch(root, str(arg.target))
+        return value if isinstance(value, torch.Tensor) else None
+    return None
+
+
+def is_shape_query(node: fx.Node) -> bool:
+    """``x.shape``, ``x.size(...)``, ``x.dim()``, ``x.ndim``: read the layout, not the data."""
+    if node.op == "call_method":
+        return node.target in ("size", "dim", "ndimension")
+    return (node.op == "call_function" and node.target is getattr and len(node.args) == 2
+            and node.args[1] in ("shape", "ndim"))
+
+
+def is_rank_query(node: fx.Node) -> bool:
+    """``x.dim()`` or ``x.ndim``: fixed by the traced layout, safe to read as a constant."""
+    x = node.args[0] if node.args else None
+    if not isinstance(x, fx.Node) or shape_of(x) is None:
+        return False
+    if node.op == "call_method" and node.target in ("dim", "ndimension") and len(node.args) == 1:
+        return True
+    return (node.op == "call_function" and node.target is getattr and len(node.args) == 2
+            and node.args[1] == "ndim")
+
+
+def what(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    """What a node computes, in a word: the module's class or the function's name."""
+    if node.op == "call_module":
+        module = modules.get(str(node.target))
+        return type(module).__name__ if module is not None else str(node.target)
+    if node.op in ("call_function", "call_method"):
+        return getattr(node.target, "__name__", str(node.target))
+    return node.op

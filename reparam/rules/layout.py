@@ -1,0 +1,144 @@
+"""A per-channel affine map moved past the ops that only move or average elements.
+
+An eval-mode BN is ``y = s * x + t`` on the channel axis. It commutes with every op that moves
+or averages elements without mixing channels: a transpose, permute, flatten or reshape that keeps
+the channel axis whole (and the batch axis whole, for any batch size), and an average over
+positions whose weights sum to one (``mean`` over positions, a global average pool, an unpadded
+average pool). So::
+
+    bn(x).flatten(2).transpose(1, 2) -> Linear
+        ==  Linear(s * x.flatten(2).transpose(1, 2) + t)
+
+exactly, and the right-hand side is one Linear (FastViT's attention ``norm``, NextViT's token
+``norm`` after its average pool, a final ``norm -> global pool -> head``). The rule gives the
+layout op the value "the same per-channel map, of the source seen through this op" (a
+:class:`~reparam.values.View`); a region of such a value makes the layout ops anew on the source,
+and the map folds into whatever linear op comes after. Where nothing takes the map in, the driver
+stops moving it there (the map then stays where it was, or an average pool takes it in as a
+conv).
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import fx
+
+from ..context import Context, relay
+from ..values import Lin, NoFold, rule
+from .ops import AVG_POOL, FLATTEN, MEAN, RESHAPE, TRANSPOSE
+
+
+def _channel_axis(lin: Lin, rank: int) -> int:
+    k = lin.kernel
+    return rank - 1 if k.channels_last or rank == 2 else 1
+
+
+def _reshaped_axis(before, after, axis: int) -> int | None:
+    """The axis of ``after`` that holds ``before``'s axis ``axis`` whole under a row-major
+    reshape: the same size with the same number of elements in front of it, counted after the
+    batch axis, which must stay first and whole."""
+    if len(after) < 2 or after[0] != before[0] or axis < 1:
+        return None
+    front = math.prod(before[1:axis])
+    for j in range(1, len(after)):
+        if after[j] == before[axis] and math.prod(after[1:j]) == front:
+            return j
+    return None
+
+
+def _keeps_batch(ctx: Context, op) -> bool:
+    """Whether a flatten or reshape leaves the batch axis alone for *any* batch size: shapes are
+    traced on one sample, where ``x.reshape(1, c, -1)`` looks as harmless as
+    ``x.reshape(b, c, -1)``. A reshape's first size must come from the input at run time or be
+    -1 (then the other sizes fix one sample's layout)."""
+    rank = len(ctx.shape(op.inputs[0]))
+    if op.kind == "flatten":
+        start = op.attrs["start_dim"]
+        return isinstance(start, int) and start % rank >= 1
+    if "like" in op.attrs:
+        return isinstance(op.attrs["like"], fx.Node)
+    sizes = op.attrs["shape"]
+    if isinstance(sizes, (tuple, list)) and len(sizes) == 1 and isinstance(
+            sizes[0], (tuple, list)):
+        sizes = sizes[0]
+    if not isinstance(sizes, (tuple, list)) or not sizes:
+        return False
+    first = sizes[0]
+    return isinstance(first, fx.Node) or first == -1
+
+
+def _axis_after(ctx: Context, op, axis: int) -> int | None:
+    """Where the channel axis ``axis`` of the op's input is in its output, if the op commutes with
+    a per-channel affine map on that axis; else ``None``."""
+    before, after = ctx.shape(op.inputs[0]), ctx.shape(ctx.node)
+    if before is None or after is None:
+        return None
+    rank = len(before)
+    if op.kind == "transpose":
+        dims = op.attrs["dims"]
+        if not all(isinstance(d, int) for d in dims):
+            return None
+        d0, d1 = (d % rank for d in dims)
+        if 0 in (d0, d1):
+            return None  # the batch axis stays first
+        return d1 if axis == d0 else d0 if axis == d1 else axis
+    if op.kind == "permute":
+        dims = op.attrs["dims"]
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = dims[0]
+        if not all(isinstance(d, int) for d in dims) or len(dims) != rank:
+            return None
+        order = [d % rank for d in dims]
+        return order.index(axis) if order[0] == 0 and sorted(order) == list(range(rank)) else None
+    if op.kind in ("flatten", "reshape"):
+        return _reshaped_axis(before, after, axis) if _keeps_batch(ctx, op) else None
+    if op.kind == "mean":  # an average over positions: its weights sum to one
+        dims = {d % rank for d in op.attrs["dims"] if isinstance(d, int)}
+        if len(dims) != len(op.attrs["dims"]) or axis in dims or 0 in dims:
+            return None
+        return axis if op.attrs["keepdim"] else axis - sum(1 for d in dims if d < axis)
+    if op.kind == "avg_pool":  # every window's weights sum to one: no padding, no overhang
+        a = op.attrs
+        whole = (not any(a["padding"]) and not a["ceil_mode"]
+                 and a.get("divisor_override") is None)
+        return axis if whole and axis == 1 and len(after) == rank else None
+    return None
+
+
+@rule("layout_affine", TRANSPOSE, FLATTEN, RESHAPE, MEAN, AVG_POOL)
+def layout_affine(ctx: Context, op) -> Lin | None:
+    """s * A(x) + t -> a transpose, permute, flatten, reshape or average => the same per-channel
+    map of the moved or averaged source, so it folds into the linear op after (FastViT's and
+    NextViT's token norms, norm -> global pool -> head). Exact when the op keeps the channel
+    axis whole and the batch axis first for any batch size, and an average's weights sum to one
+    (no padding, no ceil_mode overhang)."""
+    if not ctx.may_move_through(ctx.node):
+        return None
+    x = op.inputs[0]
+    value = ctx.value(x)
+    if not isinstance(value, Lin) or not value.nodes or not value.kernel.is_diagonal:
+        return None  # only a per-channel map commutes with moving elements
+    before, after = ctx.shape(x), ctx.shape(ctx.node)
+    if before is None or after is None or len(after) < 2:
+        return None
+    axis = _axis_after(ctx, op, _channel_axis(value, len(before)))
+    if axis is None:
+        raise NoFold(f"'{ctx.node.name}' ({op.kind}) does not keep the channel axis whole, so a "
+                     "per-channel map cannot move past it")
+    rank = len(after)
+    if axis == rank - 1:
+        layout = (0, rank > 2)
+    elif axis == 1:
+        layout = (rank - 2, False)
+    else:
+        raise NoFold(f"after '{ctx.node.name}' ({op.kind}) the channels lie on axis {axis} of "
+                     f"{rank}, where no conv or linear layer reads them")
+    ctx.require("bn_conv")  # the moved map folds into what comes after as "BN then conv"
+    kernel = relay(value.kernel, after[axis], layout, value.kernel.weight.device)
+    return ctx.result(kernel, value, rule="layout_affine", through=True)
+
+
+LAYOUT = (layout_affine,)
+
+__all__ = ["LAYOUT", "layout_affine"]
