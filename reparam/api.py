@@ -476,11 +476,9 @@ def _fold_module(model: nn.Module, inputs: tuple | None, job: Job, capture: bool
     elif _suspicious(model, graph) and relative_error(
             obs.output, _eager(model, obs.inputs, job)) > 1e-5:
         return _fold_children(model, inputs, job, _UNFAITHFUL.format(type(model).__name__))
-    ops_before = count_ops(root, job.rules, graph=graph)
     regions: dict | None = {} if capture else None
     gm, report = fold_graph(root, graph, job.rules, job.max_cost, obs, job.keep, regions,
                             job.recognizer, traced.name)
-    report.ops_before, report.ops_after = ops_before, count_ops(gm, job.rules)
     report.untraced = list(traced.untraced)
     for path, _ in traced.untraced:
         _fold_inside(gm, path, captured_inputs.get(path), job, report)

@@ -34,6 +34,9 @@ class Entry:
     why: str | None = None  # why it stays as it is although a pattern names it
     macs: int = 0  # multiply-adds of one sample, as the original op
     params: tuple[torch.Tensor, ...] = ()  # the parameters it reads (directly or computed)
+    # it reads a kernel computed from parameters (in forward, or by a parametrization): even
+    # alone it is worth making a plain module, which its sources then leave
+    computed: bool = False
 
     @property
     def op(self) -> Op | None:
@@ -59,8 +62,11 @@ class IR:
         self.entries: dict[fx.Node, Entry] = {}
         self.consts: dict[fx.Node, Const] = {}
         self._sources: dict[fx.Node, tuple[torch.Tensor, ...]] = {}
-        for i, node in enumerate(graph.nodes):
-            self.entries[node] = self._entry(node, i)
+        for node in list(graph.nodes):
+            entry = self._entry(node, len(self.entries))
+            if self._returns_input(entry):
+                continue
+            self.entries[node] = entry
 
     # --- building ------------------------------------------------------------------------------
     def _entry(self, node: fx.Node, index: int) -> Entry:
@@ -99,7 +105,33 @@ class IR:
             except (TypeError, ValueError, AttributeError, KeyError):
                 entry.macs = 0
             entry.params = self._params_of(node)
+            entry.computed = self._computed(node, op)
         return entry
+
+    def _computed(self, node: fx.Node, op: Op) -> bool:
+        if node.op == "call_module":
+            from torch.nn.utils import parametrize
+
+            module = self.modules.get(str(node.target))
+            return module is not None and parametrize.is_parametrized(module)
+        return any(isinstance(v, fx.Node) and v in self.consts and v.op != "get_attr"
+                   and isinstance(self.consts[v].value, torch.Tensor)
+                   for v in op.attrs.values())
+
+    def _returns_input(self, entry: Entry) -> bool:
+        """Drop a call that returns its input itself (``nn.Identity``, an eval-mode dropout,
+        ``F.dropout(training=False)``): its users read the input directly. ``clone()`` and
+        ``contiguous()`` make a new tensor or layout: they stay."""
+        node = entry.node
+        if (entry.effect is not Effect.IDENTITY or node.op not in ("call_module", "call_function")
+                or node in self.obs.writers or node.kwargs.get("inplace")):
+            return False
+        x = entry.op.inputs[0]
+        if not isinstance(x, fx.Node):
+            return False
+        node.replace_all_uses_with(x)
+        self.graph.erase_node(node)
+        return True
 
     def _constant(self, node: fx.Node) -> Any:
         """The value of a node of constants only, as the observed run computed it, or computed
@@ -177,24 +209,17 @@ class IR:
     def ordered(self, nodes: Iterable[fx.Node]) -> list[fx.Node]:
         return sorted(nodes, key=self.position)
 
-
-def drop_identities(graph: fx.Graph, recognizer: Recognizer, modules: dict[str, nn.Module],
-                    obs: Observation) -> None:
-    """Remove the calls that return their input itself (``nn.Identity``, an eval-mode dropout,
-    ``F.dropout(training=False)``): their users may read the input directly. ``clone()`` and
-    ``contiguous()`` make a new tensor or layout: they stay."""
-    for node in list(graph.nodes):
-        if node.op not in ("call_module", "call_function") or node in obs.random or (
-                node in obs.writers or node.kwargs.get("inplace")):
-            continue
-        found, _ = recognizer.matches(node, modules)
-        if not found or found[0].op.effect is not Effect.IDENTITY:
-            continue
-        x = found[0].op.inputs[0]
-        if not isinstance(x, fx.Node):
-            continue
-        node.replace_all_uses_with(x)
-        graph.erase_node(node)
+    def op_counts(self) -> dict[str, int]:
+        """How many ops of each kind the graph computes from its inputs (identities and constant
+        arithmetic not counted), as :func:`reparam.count_ops` counts a graph."""
+        counts: dict[str, int] = {}
+        data: set[fx.Node] = set()
+        for node, entry in self.entries.items():
+            if node.op == "placeholder" or any(i in data for i in node.all_input_nodes):
+                data.add(node)
+                if entry.matches and entry.effect is not Effect.IDENTITY:
+                    counts[entry.kind] = counts.get(entry.kind, 0) + 1
+        return counts
 
 
 def rules_of(entry: Entry) -> Sequence[tuple[Op, tuple[Rule, ...]]]:

@@ -80,6 +80,7 @@ class Materializer:
         self.capture = capture
         self.captured: dict[str, tuple] = {}  # region output -> (its ops, module, source)
         self.views: dict[tuple, fx.Node] = {}  # (base, the chain so far) -> its op made anew
+        self.clone_of: dict[fx.Node, fx.Node] = {}  # a view's op made anew -> the original
 
     def run(self) -> list[Made]:
         ir, a, graph = self.ir, self.a, self.graph
@@ -184,6 +185,7 @@ class Materializer:
                     made = self.graph.node_copy(op_node, arg)
                 made.meta = dict(op_node.meta)
                 self.views[key] = made
+                self.clone_of[made] = op_node
             replaced_by.setdefault(op_node, made)
             prev = made
         for n in value.nodes:  # the per-channel ops before the view keep the base's shape
@@ -315,7 +317,7 @@ def name_modules(root: nn.Module, graph: fx.Graph, made: list[Made]) -> list[Reg
         new.meta = item.node.meta
         item.node.replace_all_uses_with(new)
         graph.erase_node(item.node)
-        item.name = name
+        item.node, item.name = new, name
         regions.append(_named(item.region, name, new.name))
     return regions
 

@@ -70,12 +70,13 @@ class State:
 
 
 def trivial(ir: IR, value: Lin) -> bool:
-    """Fewer than two ops to merge: identities vanish on their own, and the layout ops a
-    per-channel map was moved through are re-made on the source, not merged."""
+    """Nothing to gain from a module: fewer than two ops to merge (identities vanish on their own,
+    and the layout ops a per-channel map was moved through are re-made on the source, not merged)
+    and no kernel computed from parameters (that one is worth a plain conv even alone)."""
     chain = set(value.source.chain) if isinstance(value.source, View) else set()
     real = [n for n in value.nodes
             if ir.entries[n].effect is not Effect.IDENTITY and n not in chain]
-    return len(real) < 2
+    return len(real) < 2 and not any(ir.entries[n].computed for n in real)
 
 
 Policy = Callable[[State], Decision | None]

@@ -1,7 +1,7 @@
 """The driver: one traced graph, folded. Capture -> IR -> analysis and policies -> modules.
 
-1. Calls that return their input itself are dropped; every node is read once into the IR
-   (:mod:`reparam.ir`), by the patterns of the rule set.
+1. Every node is read once into the IR (:mod:`reparam.ir`), by the patterns of the rule set;
+   calls that return their input itself are dropped.
 2. The analysis (:mod:`reparam.analysis`) gives every node a value; the boundary policies
    (:mod:`reparam.policies`), in their declared order, say where regions must end or which ops
    stay, and the analysis settles again from the nodes that changed, until no policy decides
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from torch import fx, nn
 
 from .analysis import Analysis
-from .ir import IR, drop_identities
+from .ir import IR
 from .materialize import Materializer, name_modules
 from .nodes import is_rank_query, is_shape_query
 from .observe import Observation
@@ -40,8 +40,8 @@ def fold_graph(root: nn.Module, graph: fx.Graph, rules: Sequence[Rule], max_cost
     region's original ops are stored in it for :mod:`reparam.verify`."""
     obs = obs if obs is not None else Observation()
     recognizer = recognizer if recognizer is not None else Recognizer(rules)
-    drop_identities(graph, recognizer, dict(root.named_modules()), obs)
-    ir = IR(root, graph, recognizer, obs)
+    ir = IR(root, graph, recognizer, obs)  # reads every node once; drops the identities
+    ops_before = ir.op_counts()
     keep = keep or {}
     kept = {n: keep[n.name] for n in graph.nodes if n.name in keep}
     param = next(iter(root.parameters()), None)
@@ -54,13 +54,36 @@ def fold_graph(root: nn.Module, graph: fx.Graph, rules: Sequence[Rule], max_cost
     made = materializer.run()
     if captured is not None:
         captured.update(materializer.captured)
-    report = Report(regions=name_modules(root, graph, made))
+    report = Report(regions=name_modules(root, graph, made), ops_before=ops_before)
+    report.ops_after = _ops_after(ir, graph, made, materializer.clone_of)
     for node in ir.ordered(reasons):
         entry = ir.entries.get(node)
         item = Leftover(node.name, entry.kind if entry is not None else node.op, reasons[node])
         (report.joins if node in joins else report.leftovers).append(item)
     gm = fx.GraphModule(root, graph, class_name)  # holds only what the graph uses
     return gm, report
+
+
+def _ops_after(ir: IR, graph: fx.Graph, made, clone_of: dict[fx.Node, fx.Node]
+               ) -> dict[str, int]:
+    """The op counts of the folded graph, from what the IR read (each node read once): kept
+    nodes as they were read, a view's ops as their originals, each region's module by its kind."""
+    kinds = {item.node: "linear" if isinstance(item.module, nn.Linear) else "conv"
+             for item in made}
+    counts: dict[str, int] = {}
+    data: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op != "placeholder" and not any(i in data for i in node.all_input_nodes):
+            continue
+        data.add(node)
+        entry = ir.entries.get(clone_of.get(node, node))
+        kind = kinds.get(node)
+        if kind is None and entry is not None and entry.matches and (
+                entry.effect is not Effect.IDENTITY):
+            kind = entry.kind
+        if kind is not None:
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts
 
 
 def plan(analysis: Analysis, ir: IR, max_cost: float) -> dict[fx.Node, str]:

@@ -15,7 +15,7 @@ from torch import fx, nn
 import reparam
 from reparam.analysis import Analysis
 from reparam.api import recognizer_for
-from reparam.ir import IR, drop_identities
+from reparam.ir import IR
 from reparam.models import RepVGGBlock
 from reparam.observe import observe
 from reparam.rewrite import plan
@@ -40,9 +40,7 @@ class Escaping(nn.Module):
 def analysis_of(model: nn.Module, x: torch.Tensor) -> Analysis:
     gm = fx.symbolic_trace(model)
     obs = observe(gm, (x,))
-    recognizer = recognizer_for(ALL)
-    drop_identities(gm.graph, recognizer, dict(gm.named_modules()), obs)
-    ir = IR(gm, gm.graph, recognizer, obs)
+    ir = IR(gm, gm.graph, recognizer_for(ALL), obs)
     analysis = Analysis(ir, ALL)
     analysis.run()
     plan(analysis, ir, 1.0)
