@@ -89,10 +89,12 @@ class Analysis:
         return changed
 
     def bound(self, nodes: Iterable[fx.Node]) -> None:
-        """Make ``nodes`` boundaries (regions end there) and re-evaluate what reads them."""
+        """Make ``nodes`` boundaries (regions end there) and re-evaluate what reads them. A new
+        boundary's own value does not change; only its kernel is recomputed if it was released."""
         new = set(nodes) - self.boundaries
         self.boundaries |= new
-        self.run({u for n in new for u in n.users} | new)
+        spent_ = {n for n in new if isinstance(self.values.get(n), Lin) and spent(self.values[n])}
+        self.run({u for n in new for u in n.users} | spent_)
 
     def stop_views(self, nodes: Iterable[fx.Node]) -> None:
         """Move no per-channel map past these layout ops (nothing took it in after them)."""
@@ -162,14 +164,25 @@ class Analysis:
 
     # --- kernels -------------------------------------------------------------------------------
     def release_kernels(self) -> None:
-        """Release every kernel inside a region and cast every region's result to its dtype."""
+        """Release every kernel inside a region and cast every region's result to its dtype. A
+        kernel that a user does not take in (the region will end there) is kept: it is about to
+        be a region's result."""
         for node, value in self.values.items():
             if not isinstance(value, Lin) or spent(value):
                 continue
             if node in self.boundaries:
                 self.values[node] = _cast(node, value)
-            elif value.nodes:
+            elif value.nodes and not self._escapes(node):
                 self.values[node] = release(value)
+
+    def _escapes(self, node: fx.Node) -> bool:
+        if node in self.mutated:
+            return True
+        for user in node.users:
+            uv = self.values.get(user)
+            if not (isinstance(uv, Lin) and node in uv.nodes):
+                return True
+        return False
 
     def _revive(self, inputs: Sequence[fx.Node]) -> None:
         """Recompute the released kernels among ``inputs`` (and theirs, as far as needed), in

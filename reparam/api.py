@@ -68,7 +68,7 @@ def _validate(model: object, rules: object, max_cost: object, leaf_modules: obje
         isinstance(p, str) for p in leaf_modules
     ):
         raise ReparamError("leaf_modules must be a list of submodule paths, e.g. ['stage2.attn']")
-    names = {name for name, _ in model.named_modules()}
+    names = {name for name, _ in model.named_modules()} if leaf_modules else set()
     missing = [p for p in leaf_modules if p not in names]
     if missing:
         last = missing[0].rsplit(".", 1)[-1]

@@ -160,12 +160,12 @@ def guarded(module: nn.Module) -> Iterator[_Watch]:
         raise CallerTensorWritten("a parameter's data was replaced")
 
 
-class _Interpreter(fx.Interpreter):
-    """Runs the graph node by node, recording what :class:`Observation` holds."""
+class _Interpreter:
+    """Runs the graph node by node (a lean loop: each value freed after its last use),
+    recording what :class:`Observation` holds."""
 
-    def __init__(self, gm: fx.GraphModule, graph: fx.Graph | None, watch: _Watch) -> None:
-        super().__init__(gm, graph=graph)
-        self.watch = watch
+    def __init__(self, root: nn.Module, graph: fx.Graph, watch: _Watch) -> None:
+        self.root, self.graph, self.watch = root, graph, watch
         self.obs = Observation()
         self.order: dict[fx.Node, int] = {}
         # storage -> nodes that output on it; the weak reference keeps the storage's address from
@@ -173,18 +173,56 @@ class _Interpreter(fx.Interpreter):
         self.producers: dict[int, tuple[StorageWeakRef, list[fx.Node]]] = {}
         self.free: set[fx.Node] = set()  # nodes that may be constants (no input, no random)
         self.values: dict[fx.Node, Any] = {}  # candidate constant values
+        self.modules = dict(root.named_modules())
 
-    def run_node(self, n: fx.Node) -> Any:
+    def run(self, *args: Any) -> Any:
+        nodes = list(self.graph.nodes)
+        last: dict[fx.Node, fx.Node] = {}  # value -> the last node that reads it
+        for n in nodes:
+            for i in n.all_input_nodes:
+                last[i] = n
+        dying: dict[fx.Node, list[fx.Node]] = {}
+        for value, reader in last.items():
+            dying.setdefault(reader, []).append(value)
+        env: dict[fx.Node, Any] = {}
+        inputs = iter(args)
+
+        def read(a: fx.Node) -> Any:
+            return env[a]
+
+        for n in nodes:
+            if n.op == "placeholder":
+                value = next(inputs, n.args[0] if n.args else None)
+                self.order[n] = len(self.order)
+                self._record(n, value)
+            elif n.op == "output":
+                return fx.node.map_arg(n.args[0], read)
+            else:
+                value = self._run(n, fx.node.map_arg(n.args, read),
+                                  fx.node.map_arg(n.kwargs, read))
+            env[n] = value
+            for gone in dying.get(n, ()):
+                del env[gone]
+        return None
+
+    def _run(self, n: fx.Node, args: tuple, kwargs: dict) -> Any:
         watch = self.watch
         watch.writes, watch.random = set(), None
-        result = super().run_node(n)
+        if n.op == "get_attr":
+            result = fetch_path(self.root, str(n.target))
+        elif n.op == "call_function":
+            result = n.target(*args, **kwargs)
+        elif n.op == "call_method":
+            obj, *rest = args
+            result = getattr(obj, n.target)(*rest, **kwargs)
+        else:  # call_module
+            result = self.modules[str(n.target)](*args, **kwargs)
         self.order[n] = len(self.order)
         # writes into tensors that existed before this node: a graph value, or a leaf module's
         # own parameter or buffer (scratch tensors a node makes and fills do not count)
         writes = {key for key in watch.writes if key in self.producers}
         if n.op == "call_module" and watch.writes - writes:
-            module = self.fetch_attr(str(n.target))
-            writes |= watch.writes & caller_storages(module)
+            writes |= watch.writes & caller_storages(self.modules[str(n.target)])
         if writes:
             self.obs.writers.add(n)
             for key in writes:
@@ -206,7 +244,7 @@ class _Interpreter(fx.Interpreter):
         elif isinstance(result, (int, float, bool, torch.Size)) or (
                 isinstance(result, (tuple, list)) and all(isinstance(r, int) for r in result)):
             n.meta["reparam_value"] = result
-        for t in _tensors(result):
+        for t in (result,) if isinstance(result, torch.Tensor) else _tensors(result):
             key = _storage_key(t)
             if key is None:
                 continue
@@ -235,11 +273,18 @@ class _Interpreter(fx.Interpreter):
         return consts
 
 
+def fetch_path(root: nn.Module, target: str) -> Any:
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def _copies(inputs: Iterable) -> tuple:
     return tuple(t.detach().clone() if isinstance(t, torch.Tensor) else t for t in inputs)
 
 
-def observe(gm: fx.GraphModule, inputs: tuple, protect: nn.Module | None = None,
+def observe(gm: nn.Module, inputs: tuple, protect: nn.Module | None = None,
             graph: fx.Graph | None = None) -> Observation:
     """Run ``gm`` once on copies of ``inputs`` and record what :class:`Observation` holds; the
     storages of ``protect`` (the caller's model) are never written (see :func:`guarded`).
@@ -255,7 +300,7 @@ def observe(gm: fx.GraphModule, inputs: tuple, protect: nn.Module | None = None,
     for args in attempts:
         protected = caller_storages(protect) if protect is not None else set()
         watch = _Watch(protected)
-        runner = _Interpreter(gm, graph, watch)
+        runner = _Interpreter(gm, graph if graph is not None else gm.graph, watch)
         try:
             with torch.no_grad(), watch, warnings.catch_warnings(), \
                     redirect_stderr(io.StringIO()):

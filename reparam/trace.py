@@ -131,6 +131,14 @@ class _Tracer(fx.Tracer):
             return True
         return False
 
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        """``nn.Identity`` returns its input itself: record nothing for it (timm's norm+act
+        modules hold two each). One with a hook or its own forward is called as usual."""
+        if (type(m) is nn.Identity and len(args) == 1 and not kwargs
+                and not (m._forward_hooks or m._forward_pre_hooks) and "forward" not in vars(m)):
+            return args[0]
+        return super().call_module(m, forward, args, kwargs)
+
     def _name_of(self, t: torch.Tensor) -> str | None:
         if self._names is None:
             self._names = {}

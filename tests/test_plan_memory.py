@@ -57,12 +57,34 @@ def test_only_region_results_keep_a_kernel_in_the_model_dtype():
     assert len(lins) > 4 * len(kept)  # every inner node was released
 
 
+class SharedTwice(nn.Module):
+    """``y = bn(conv(x))`` taken in by two regions: only a later run makes ``y`` their frontier,
+    and ``y``'s kernel (released after the first run) must then be recomputed."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return torch.relu(y * 2) + torch.sigmoid(y + 1)
+
+
 def test_a_later_run_recomputes_released_kernels():
-    model = randomize_bn(Escaping(4))
+    model = randomize_bn(SharedTwice(4))
     x = torch.randn(2, 4, 6, 6)
     analysis = analysis_of(model, x)
     assert {n.name for n in analysis.revived} >= {"conv"}, analysis.revived
     assert_equivalent(model, reparam.fold(model, x), x)
+
+
+def test_a_kernel_about_to_end_a_region_is_not_released():
+    """A value a non-linear op reads (it will be a region's result) keeps its kernel: making it
+    a boundary recomputes nothing."""
+    model = randomize_bn(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4),
+                                       nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)))
+    analysis = analysis_of(model, torch.randn(2, 4, 6, 6))
+    assert len(analysis.boundaries) == 2 and not analysis.revived
 
 
 @settings(max_examples=15, deadline=None)
