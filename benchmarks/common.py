@@ -35,7 +35,8 @@ METHODS = ("train", "reparam", "timm")
 # A fold slower than this is timed once (its warm-up call), not repeated, and profiled without a
 # warm-up: the run stays within its time budget even when the engine is slow on a model.
 SLOW_S = 20.0
-METHOD_NAMES = {"train": "training-time", "reparam": "reparam.fold", "timm": "timm deploy"}
+METHOD_NAMES = {"train": "training-time", "reparam": "reparam.fold", "timm": "timm deploy",
+                "unverified": "reparam.fold(verify=False)"}
 
 _NAMES = {
     "repvgg_a0": "RepVGG-A0", "repvgg_b0": "RepVGG-B0", "mobileone_s0": "MobileOne-S0",
@@ -88,10 +89,10 @@ def convert(model: nn.Module, method: str, example: torch.Tensor) -> nn.Module:
     """``model`` as ``method`` makes it; neither converter modifies ``model``."""
     if method == "train":
         return model
-    if method == "reparam":
+    if method in ("reparam", "unverified"):
         import reparam
 
-        return reparam.fold(model, example[:1])
+        return reparam.fold(model, example[:1], verify=method == "reparam")
     if method == "timm":
         from timm.utils.model import reparameterize_model
 

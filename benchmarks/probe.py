@@ -64,8 +64,7 @@ def infer(spec: str, methods: list[str], batches: list[int]) -> dict:
     return results
 
 
-_PHASES = ("trace", "propagate_shapes", "_check_trace_fidelity", "count_ops", "fold_graph",
-           "own_tensors")
+_PHASES = ("trace", "observe", "_eager", "fold_graph", "_run", "own_tensors")
 
 
 def _watch_phases(marks: list, before: int) -> None:
@@ -91,29 +90,29 @@ def _watch_phases(marks: list, before: int) -> None:
 
 
 def _watch_plan(marks: list) -> None:
-    """Record the bytes of the kernels the fold's plan holds when it starts materializing.
+    """Record the bytes of the kernels the analysis holds when materialization starts.
 
-    Reads engine internals (``Folder.materialize(plan)``, ``plan.values``, ``value.kernel``); if
-    they are gone, nothing is recorded."""
+    Reads engine internals (``Materializer.run``, its analysis's ``values``, ``value.kernel``);
+    if they are gone, nothing is recorded."""
     try:
-        from reparam.rewrite import Folder
+        from reparam.materialize import Materializer
     except ImportError:
         return
-    materialize = getattr(Folder, "materialize", None)
-    if materialize is None:
+    run = getattr(Materializer, "run", None)
+    if run is None:
         return
 
-    def wrapped(self, plan, *args, **kwargs):
+    def wrapped(self, *args, **kwargs):
         held = {}
-        for value in getattr(plan, "values", {}).values():
+        for value in getattr(getattr(self, "a", None), "values", {}).values():
             kernel = getattr(value, "kernel", None)
             for t in (getattr(kernel, "weight", None), getattr(kernel, "bias", None)):
                 if isinstance(t, torch.Tensor) and not t.is_meta:  # meta: spent, holds nothing
                     held[t.data_ptr()] = t.numel() * t.element_size()
         marks.append(["plan kernels", sum(held.values()), None])
-        return materialize(self, plan, *args, **kwargs)
+        return run(self, *args, **kwargs)
 
-    Folder.materialize = wrapped
+    Materializer.run = wrapped
 
 
 def fold(spec: str, method: str) -> dict:

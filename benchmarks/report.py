@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 MIB = 2**20
 TIMM_VS_FOLD_GOAL = 0.98
-FOLD_VS_TIMM_GOAL = 1.0
+FOLD_VS_TIMM_GOAL = 1.5  # the graph-layer issue's bar (its goal: 1.0)
 FLAT_GOAL = 2.0
 STACK_1000_GOAL_S = 10.0
 MEM_GOAL = 2.5
@@ -247,9 +247,17 @@ def goals(results: dict) -> list[dict]:
                      + _dominant(_profile_of(results, r["spec"]))
                      + ". timm's converter only calls each block's own fuse method: no tracing, "
                      "no forward pass, no graph walk")
-            add(f"{c.display(r['spec'])}: fold time <= timm converter (tracing included)",
+            add(f"{c.display(r['spec'])}: fold time <= {FOLD_VS_TIMM_GOAL}x timm converter "
+                "(tracing and default verification included)",
                 f"{med:.2f}x ({t_ours:.2f} s vs {t_timm:.2f} s)", med <= FOLD_VS_TIMM_GOAL,
                 cause)
+            bare = _ratio(r["times"], "unverified", "timm")
+            if bare:
+                t_bare, med_bare = c.median(r["times"]["unverified"]), c.median(bare)
+                add(f"{c.display(r['spec'])}: fold time without verification <= "
+                    f"{FOLD_VS_TIMM_GOAL}x timm converter (tracing included)",
+                    f"{med_bare:.2f}x ({t_bare:.2f} s vs {t_timm:.2f} s)",
+                    med_bare <= FOLD_VS_TIMM_GOAL, cause)
 
     st = results.get("stacks")
     if isinstance(st, list):
@@ -436,8 +444,11 @@ def _fold_lines(results: dict) -> list[str]:
             ratio = _ratio(t, "reparam", "timm")
             mf, mt = (_fold_mem(results, r["spec"], m) for m in ("reparam", "timm"))
             pb = (mf or mt or {}).get("param_bytes")
+            share = _ratio(t, "unverified", "reparam")
             rows.append([
                 c.display(r["spec"]), f"{c.median(t['reparam']):.2f}",
+                f"{c.median(t['unverified']):.2f}" if "unverified" in t else "-",
+                f"{1 - c.median(share):.0%}" if share else "-",
                 f"{c.median(t['timm']):.2f}" if "timm" in t else "-",
                 _spread(ratio) if ratio else "-",
                 " / ".join(f"{r['cold'][m]:.2f}" for m in ("reparam", "timm") if m in r["cold"]),
@@ -445,11 +456,16 @@ def _fold_lines(results: dict) -> list[str]:
                 " / ".join(f"{_mib(x['peak'])} ({x['peak'] / x['param_bytes']:.1f}x)"
                            for x in (mf, mt) if x),
             ])
-        lines += ["Seconds per call (median), fold / timm (median of per-round ratios, IQR), the "
-                  "first call in the process, the model's parameter MiB, and the peak RSS "
-                  "increase during the conversion in MiB (and as a multiple of the parameter "
-                  "bytes), reparam.fold / timm.", ""]
-        lines += _table(["model", "reparam.fold s", "timm converter s", "fold / timm",
+        lines += ["Seconds per call (median): `reparam.fold` as it runs by default (verifying the "
+                  "folded model against the original on the example input), with "
+                  "`verify=False`, and what verification costs as a share of the default fold "
+                  "(1 - unverified / verified, median of per-round ratios); timm's converter; "
+                  "fold / timm (median of per-round ratios, IQR); the first call in the "
+                  "process; the model's parameter MiB, and the peak RSS increase during the "
+                  "conversion in MiB (and as a multiple of the parameter bytes), reparam.fold / "
+                  "timm.", ""]
+        lines += _table(["model", "reparam.fold s", "verify=False s", "verification share",
+                         "timm converter s", "fold / timm",
                          "first call s (fold / timm)", "params MiB", "peak MiB (fold / timm)"],
                         rows)
         lines.append("")

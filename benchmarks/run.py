@@ -67,7 +67,7 @@ def config(quick: bool) -> Config:
             quick=True,
             speed=[("timm:repvgg_a0", TIMM3), ("ours:dbb_resnet18", OURS2)],
             speed_rounds={1: 5, 8: 3}, chunk_s=0.1,
-            fold=[("timm:repvgg_a0", ("reparam", "timm"))], fold_rounds=2,
+            fold=[("timm:repvgg_a0", ("reparam", "unverified", "timm"))], fold_rounds=2,
             stacks=[(s, 2) for s in stack[:3]] + [(issue2, 2)],
             precision=["timm:repvgg_a0"], precision_batch=1,
             profiles=["timm:repvgg_a0", "stack:100:16:8"],
@@ -82,7 +82,8 @@ def config(quick: bool) -> Config:
     return Config(
         quick=False,
         speed=speed, speed_rounds={1: 21, 8: 7}, chunk_s=0.2,
-        fold=[(s, ("reparam", "timm")) for s in timm3] + [(s, ("reparam",)) for s in ours4],
+        fold=[(s, ("reparam", "unverified", "timm")) for s in timm3]
+        + [(s, ("reparam", "unverified")) for s in ours4],
         fold_rounds=5,
         stacks=[(s, 3 if s.startswith("stack:1000:") else 5) for s in stack] + [(issue2, 5)],
         precision=timm3 + ours4, precision_batch=2,

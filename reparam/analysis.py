@@ -24,9 +24,9 @@ from torch import fx
 
 from .context import Context
 from .ir import IR, rules_of
-from .nodes import dtype_of
+from .nodes import dtype_of, is_rank_query, is_shape_query, shape_of
 from .pattern import Effect
-from .values import OPAQUE, Const, Lin, NoFold, Rule, Value
+from .values import OPAQUE, Const, Lin, NoFold, Rule, Value, source_shape
 
 
 def spent(value: Lin) -> bool:
@@ -60,6 +60,7 @@ class Analysis:
         self.mutated = ir.obs.first_writer
         self.evaluations = 0  # nodes evaluated, all runs together
         self.revived: list[fx.Node] = []  # released kernels recomputed when a user needed them
+        self._last: dict[fx.Node, int] = {}  # node -> position of its last reader
 
     # --- the worklist --------------------------------------------------------------------------
     def run(self, seeds: Iterable[fx.Node] | None = None) -> set[fx.Node]:
@@ -72,10 +73,13 @@ class Analysis:
         queued = {n for _, _, n in heap}
         changed: set[fx.Node] = set()
         while heap:
-            _, _, node = heapq.heappop(heap)
+            at, _, node = heapq.heappop(heap)
             queued.discard(node)
             old = self.values.get(node)
+            revived = len(self.revived)
             new = self._evaluate(node)
+            if node in self.boundaries and isinstance(new, Lin):
+                new = _cast(node, new)  # a region's result: in its module's dtype from now on
             self.values[node] = new
             if not _same(old, new):
                 changed.add(node)
@@ -83,6 +87,11 @@ class Analysis:
                     if user not in queued:
                         queued.add(user)
                         heapq.heappush(heap, (position(user), user.name, user))
+            # nothing before this position is evaluated again in this run: release the kernels
+            # whose last reader this was, so the run holds its frontier, not every kernel
+            for i in (*node.all_input_nodes, *self.revived[revived:]):
+                if self._last_reader(i) <= at:
+                    self._release(i)
         if self.first is None:  # every region as large as it can be: the reasons to report
             self.first, self.first_joins = dict(self.reasons), set(self.joins)
         self.release_kernels()
@@ -167,20 +176,34 @@ class Analysis:
         """Release every kernel inside a region and cast every region's result to its dtype. A
         kernel that a user does not take in (the region will end there) is kept: it is about to
         be a region's result."""
-        for node, value in self.values.items():
-            if not isinstance(value, Lin) or spent(value):
-                continue
-            if node in self.boundaries:
-                self.values[node] = _cast(node, value)
-            elif value.nodes and not self._escapes(node):
-                self.values[node] = release(value)
+        for node in list(self.values):
+            self._release(node)
+
+    def _release(self, node: fx.Node) -> None:
+        value = self.values.get(node)
+        if not isinstance(value, Lin) or spent(value):
+            return
+        if node in self.boundaries:
+            self.values[node] = _cast(node, value)
+        elif value.nodes and not self._escapes(node):
+            self.values[node] = release(value)
+
+    def _last_reader(self, node: fx.Node) -> int:
+        found = self._last.get(node)
+        if found is None:
+            position = self.ir.position
+            found = self._last[node] = max((position(u) for u in node.users), default=-1)
+        return found
 
     def _escapes(self, node: fx.Node) -> bool:
+        """Whether a user reads ``node``'s value without taking it in (the region ends here)."""
         if node in self.mutated:
             return True
+        value = self.values[node]
         for user in node.users:
             uv = self.values.get(user)
-            if not (isinstance(uv, Lin) and node in uv.nodes):
+            if not (isinstance(uv, Lin) and node in uv.nodes) and not reads_layout_only(
+                    user, node, value):
                 return True
         return False
 
@@ -204,6 +227,15 @@ class Analysis:
     def _needs(self, node: fx.Node) -> bool:
         value = self.values.get(node)
         return isinstance(value, Lin) and spent(value) and node not in self.boundaries
+
+
+def reads_layout_only(user: fx.Node, node: fx.Node, value: Lin) -> bool:
+    """``user`` reads only the rank (``x.dim()``) or the shape (``x.shape``) of ``node``, which the
+    region's source has too: the query can read the source instead."""
+    shape, source = shape_of(node), source_shape(value.source)
+    if is_rank_query(user):
+        return shape is not None and source is not None and len(shape) == len(source)
+    return is_shape_query(user) and shape is not None and shape == source
 
 
 def _cast(node: fx.Node, value: Lin) -> Lin:

@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
-from .analysis import Analysis, spent
+from .analysis import Analysis, reads_layout_only, spent
 from .context import is_identity
 from .cost import kernel_cost, ops_cost, output_shape
 from .ir import IR
-from .nodes import is_rank_query, is_shape_query, shape_of
+from .nodes import is_shape_query, shape_of
 from .pattern import Effect
 from .values import Lin, View, source_shape
 
@@ -104,7 +104,7 @@ def escapes(state: State) -> Decision | None:
             new.add(node)
             continue
         for user in node.users:
-            if _layout_only(user, node, value):
+            if reads_layout_only(user, node, value):
                 continue  # reads the layout only, which the source has too
             uv = a.values.get(user)
             if not (isinstance(uv, Lin) and node in uv.nodes):
@@ -123,15 +123,6 @@ def idle_views(state: State) -> Decision | None:
             still |= set(value.source.chain)
     still -= state.analysis.no_view
     return Decision(still=still) if still else None
-
-
-def _layout_only(user: fx.Node, node: fx.Node, value: Lin) -> bool:
-    """``user`` reads only the rank (``x.dim()``) or the shape (``x.shape``) of ``node``, which the
-    region's source has too: the query can read the source instead."""
-    shape, source = shape_of(node), source_shape(value.source)
-    if is_rank_query(user):
-        return shape is not None and source is not None and len(shape) == len(source)
-    return is_shape_query(user) and shape is not None and shape == source
 
 
 def shared_frontiers(state: State) -> Decision | None:
