@@ -8,7 +8,7 @@
 from . import kernel, rules
 from .api import count_macs, count_ops, explain, fold, max_error
 from .deploy import save
-from .errors import CheckError, ReparamError, TraceError
+from .errors import CheckError, GuardError, ReparamError, TraceError
 from .kernel import NotExact
 from .report import Leftover, Region, Report
 from .values import NoFold, Rule, law, rule
@@ -16,8 +16,8 @@ from .values import NoFold, Rule, law, rule
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckError", "Leftover", "NoFold", "NotExact", "Region", "ReparamError", "Report", "Rule",
-    "TraceError",
+    "CheckError", "GuardError", "Leftover", "NoFold", "NotExact", "Region", "ReparamError",
+    "Report", "Rule", "TraceError",
     "count_macs", "count_ops", "explain", "fold", "kernel", "law", "max_error", "models", "rule",
     "rules", "save",
 ]

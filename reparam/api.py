@@ -20,7 +20,11 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from torch import fx, nn
+from torch.utils._pytree import tree_leaves
 
+from . import program
+from .capture import capture
+from .crossing import merges_across
 from .errors import CheckError, ReparamError, TraceError
 from .ir import IR
 from .observe import CallerTensorWritten, guarded, observe
@@ -29,7 +33,10 @@ from .report import Report
 from .rewrite import fold_graph
 from .rules import ALL
 from .trace import (
+    Traced,
+    _uses_autocast,
     as_inputs,
+    branches_on_training,
     clone_inputs,
     deep_copy,
     guess_inputs,
@@ -172,11 +179,38 @@ def fold(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] = ALL,
     located raises :class:`~reparam.errors.CheckError`. ``check=True`` also folds a float64 copy
     and compares it with the float64 original on random inputs. Raises
     :class:`~reparam.errors.TraceError` when no part of the model could be captured.
+
+    ``model`` may also be a :class:`torch.export.ExportedProgram` (its BNs in eval mode, as
+    ``torch.export.export`` of an eval-mode model leaves them): the folded program comes back as
+    an ``ExportedProgram`` with the same inputs, outputs and symbolic sizes, folded at the
+    program's own example inputs unless ``example_inputs`` are given.
     """
+    if isinstance(model, torch.export.ExportedProgram):
+        with _one_thread(), _no_cyclic_gc(), _clear_errors(model):
+            return _fold_program(model, example_inputs, tuple(rules), check, verify, max_cost)
     _validate(model, rules, max_cost, leaf_modules, verify)
     with _one_thread(), _no_cyclic_gc(), _clear_errors(model):
         return _fold(model, example_inputs, tuple(rules), check, verify, max_cost,
                      tuple(leaf_modules))
+
+
+def _fold_program(ep: torch.export.ExportedProgram, example_inputs, rules: tuple, check: bool,
+                  verify: bool, max_cost: float) -> torch.export.ExportedProgram:
+    """An exported program in, a folded exported program out (see :mod:`reparam.program`)."""
+    module = program.Program(ep)
+    inputs = program.example_inputs(ep, example_inputs)
+    if inputs is None:
+        raise ReparamError("this ExportedProgram carries no example inputs (a program loaded "
+                           "from an old file): pass example_inputs=... to fold it")
+    _validate(module, rules, max_cost, (), verify)
+    traced = program.capture_of(ep, module)
+    folded = _fold(module, inputs, rules, check, verify, max_cost, (),
+                   captures={id(module): traced})
+    report = folded.reparam_report
+    report.captured.insert(0, ("", "read from the ExportedProgram, exported again folded"))
+    out = program.export_again(folded, ep, as_inputs(inputs))
+    out.reparam_report = report
+    return out
 
 
 @contextmanager
@@ -240,6 +274,8 @@ class Job:
     # tensors, the caller's), copied back before every run so that each starts where the
     # caller's model is now
     state: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+    # id(module) -> its torch.export capture (or why it failed): made once per fold
+    captures: dict = field(default_factory=dict)
 
     def sub(self, path: str) -> Job:
         """The job for the submodule at ``path``: its part of ``keep``, no leaf paths."""
@@ -271,11 +307,12 @@ class Folded:
 
 
 def _fold(model: nn.Module, example_inputs, rules: tuple, check: bool, verify: bool,
-          max_cost: float, leaf_modules: tuple[str, ...]) -> nn.Module:
+          max_cost: float, leaf_modules: tuple[str, ...], captures: dict | None = None
+          ) -> nn.Module:
     inputs = as_inputs(example_inputs)
     start = time.perf_counter()
     job = Job(rules, max_cost, leaf_modules, verify, protect=model,
-              recognizer=recognizer_for(rules))
+              recognizer=recognizer_for(rules), captures=dict(captures or {}))
     try:
         done = _fold_verified(model, inputs, job)
     except CallerTensorWritten:  # forward writes its own parameters or buffers: use a copy
@@ -290,8 +327,11 @@ def _fold(model: nn.Module, example_inputs, rules: tuple, check: bool, verify: b
     own_tensors(folded, model)
     if not report.regions and any(path == "" for path, _ in report.untraced):
         why = next(why for path, why in report.untraced if path == "")
-        raise TraceError(f"nothing in {type(model).__name__} was folded: {why}")
+        raise TraceError(f"nothing in {type(model).__name__} was folded: {why}. Fold the parts "
+                         "that trace one by one, or pass leaf_modules=[...] naming the parts "
+                         "that cannot be traced")
     report.params_before, report.params_after = _params(model), _params(folded)
+    report.notes += _training_branches(model)
     report.input_shapes = [tuple(t.shape) for t in done.inputs or ()
                            if isinstance(t, torch.Tensor)]
     report.fold_seconds = time.perf_counter() - start
@@ -299,6 +339,20 @@ def _fold(model: nn.Module, example_inputs, rules: tuple, check: bool, verify: b
     if check:
         _check(model, done.inputs, job, report)
     return folded
+
+
+def _training_branches(model: nn.Module) -> list[str]:
+    """Say which classes compute something else in training mode: the fold follows what runs
+    in eval mode, so the folded model is for inference only."""
+    names = sorted({type(m).__name__ for m in model.modules()
+                    if not type(m).__module__.startswith("torch.")
+                    and branches_on_training(type(m))})
+    if not names:
+        return []
+    return [f"{', '.join(names[:4])}{' and others' if len(names) > 4 else ''} "
+            f"{'branch' if len(names) > 1 else 'branches'} on self.training in forward: the fold "
+            "follows the eval-mode branch (what runs now), so the folded model is for inference; "
+            "train the original"]
 
 
 def explain(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] = ALL,
@@ -454,42 +508,116 @@ def _ill_conditioned(model: nn.Module, done: Folded, got, job: Job, dtype: torch
 
 def _fold_module(model: nn.Module, inputs: tuple | None, job: Job, capture: bool = False
                  ) -> Folded:
+    """Fold one module: traced with torch.fx; where that fails, captured with torch.export or
+    folded part by part (:func:`_fold_untraceable`)."""
+    if id(model) in job.captures:  # captured already (an ExportedProgram's graph)
+        return _fold_traced(model, _captured(model, inputs, job), inputs, job, capture)
     try:
         traced = trace(lambda: light_copy(model), job.leaves, job.recognizer)
     except TraceError as e:
-        return _fold_children(model, inputs, job, str(e))
-    root, graph = traced.root, traced.graph
+        return _fold_untraceable(model, inputs, job, str(e), capture)
     if inputs is None:
         inputs = guess_inputs(model, traced)
-    hooks, captured_inputs = _capture_leaf_inputs(root, [p for p, _ in traced.untraced])
+    return _fold_traced(model, traced, inputs, job, capture)
+
+
+def _fold_traced(model: nn.Module, traced: Traced, inputs: tuple, job: Job, capture: bool
+                 ) -> Folded:
+    failed = _failed_leaves(traced, job)
+    units = _units(traced.root, failed)
+    if units != failed:  # each failed leaf inside the block that holds it, captured as a unit
+        again = trace(lambda: light_copy(model), (*job.leaves, *units), job.recognizer)
+        why = dict(traced.untraced)
+        again.untraced = [(u, why.get(u) or _holds(u, failed, why)) for u in units] + [
+            (p, w) for p, w in again.untraced if p not in units]
+        traced, failed = again, []
+    if failed and not job.leaves and not _routes_layers(model, _record_calls(
+            light_copy(model), inputs, job)):  # the largest part that works, captured whole
+        try:
+            whole = _captured(model, inputs, job, failed)
+        except TraceError:
+            pass
+        else:
+            done = _fold_traced(model, whole, inputs, job, capture)
+            done.report.captured.insert(0, ("", f"{whole.how}; torch.fx could not trace "
+                                                f"{', '.join(failed[:3])}"
+                                                f"{' and others' if len(failed) > 3 else ''}"))
+            return done
+    root, graph = traced.root, traced.graph
+    hooks, leaf_inputs = _capture_leaf_inputs(root, [p for p, _ in traced.untraced])
     job.guard()  # reset a private copy's state before the run
     try:
         obs = _seeded(model, lambda: observe(root, inputs, job.protect, graph=graph))
+    except ReparamError as e:
+        if traced.how:
+            raise
+        _eager(model, inputs, job)  # raises if the model itself fails on these inputs
+        return _fold_untraceable(model, inputs, job, f"its torch.fx graph does not run ({e})",
+                                 capture)
     finally:
         for h in hooks:
             h.remove()
     reference = None
     if job.verify:
         reference = _eager(model, obs.inputs, job)
-        if relative_error(obs.output, reference) > tolerance(SCREEN, _dtype(model)):
-            return _fold_children(model, inputs, job, _UNFAITHFUL.format(type(model).__name__))
-    elif _suspicious(model, graph) and relative_error(
-            obs.output, _eager(model, obs.inputs, job)) > 1e-5:
-        return _fold_children(model, inputs, job, _UNFAITHFUL.format(type(model).__name__))
+        unfaithful = relative_error(obs.output, reference) > tolerance(SCREEN, _dtype(model))
+    else:
+        unfaithful = _suspicious(model, graph) and relative_error(
+            obs.output, _eager(model, obs.inputs, job)) > 1e-5
+    if unfaithful:
+        return _fold_untraceable(model, inputs, job, _UNFAITHFUL.format(type(model).__name__),
+                                 capture, export=not traced.how)
     regions: dict | None = {} if capture else None
     gm, report = fold_graph(root, graph, job.rules, job.max_cost, obs, job.keep, regions,
                             job.recognizer, traced.name)
     report.untraced = list(traced.untraced)
     for path, _ in traced.untraced:
-        _fold_inside(gm, path, captured_inputs.get(path), job, report)
+        _fold_inside(gm, path, leaf_inputs.get(path), job, report)
     _keep_hooks(gm, model)
     return Folded(gm, report, inputs, reference, regions, obs.inputs)
 
 
+def _units(root: nn.Module, failed: list[str]) -> list[str]:
+    """Where a submodule that torch.fx could not trace is folded: inside the block that holds
+    it (its parent), which is captured whole with torch.export, so that the leaf's ops merge
+    with the block's own (DBB's BN-and-pad with its conv); the leaf itself when that parent is
+    the root (the root is then captured whole) or a container of blocks (a stage of a
+    network: its export would cost as much as the network's)."""
+    units = []
+    for path in failed:
+        parent = path.rpartition(".")[0]
+        if parent and not isinstance(root.get_submodule(parent), _CONTAINERS):
+            path = parent
+        if path not in units and not any(path.startswith(u + ".") for u in units):
+            units = [u for u in units if not u.startswith(path + ".")] + [path]
+    return failed if any("." not in p for p in failed) else units
+
+
+def _holds(path: str, failed: list[str], why: dict[str, str]) -> str:
+    inner = [p for p in failed if p.startswith(path + ".")]
+    return (f"holds {', '.join(p[len(path) + 1:] for p in inner[:3])}, which torch.fx could "
+            f"not trace ({why[inner[0]][:120]})" if inner else "")
+
+
+def _failed_leaves(traced: Traced, job: Job) -> list[str]:
+    """The submodules torch.fx could not trace (not those the caller named, nor those kept
+    whole for torch.autocast)."""
+    if traced.how:
+        return []
+    out = []
+    for path, _ in traced.untraced:
+        try:
+            leaf = traced.root.get_submodule(path)
+        except AttributeError:
+            continue
+        if path not in job.leaves and not _uses_autocast(type(leaf)):
+            out.append(path)
+    return out
+
+
 _UNFAITHFUL = ("torch.fx traced {} differently from eager mode (an in-place `+=` on a tensor, "
                "torch.autocast, random numbers drawn with no tensor argument, which tracing "
-               "bakes in, or Python state in forward): its submodules are folded one by one "
-               "instead; write `x = x + y`, `torch.rand_like(t)` to let it fold whole")
+               "bakes in, or Python state in forward)")
 _ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.truediv, operator.matmul,
                torch.add, torch.sub, torch.mul, torch.div}
 
@@ -502,32 +630,164 @@ def _suspicious(model: nn.Module, graph: fx.Graph) -> bool:
         for n in graph.nodes)
 
 
-def _fold_children(model: nn.Module, inputs, job: Job, why: str) -> Folded:
-    """The root does not trace (or not faithfully): fold each child that does (recursively),
-    keep the root, and verify the root with its folded children; a child whose folded form
-    breaks the root or changes its output is put back."""
+# --- what torch.fx cannot trace: captured whole, or folded part by part -------------------------
+
+@dataclass
+class Calls:
+    """One run of a module with its children watched: the positional arguments of each module
+    its own ``forward`` calls (copies, first call), in call order, and whether the run finished."""
+
+    args: dict[str, tuple] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)
+    ran: bool = False
+
+
+def _record_calls(root: nn.Module, inputs: tuple | None, job: Job) -> Calls:
+    """What ``root``'s own ``forward`` passes to each module it calls (not to modules those call
+    in turn), on ``inputs``."""
+    calls = Calls()
+    if inputs is None:
+        return calls
+    depth = [0]
+
+    def before(path: str):
+        def hook(module, args, kwargs):
+            if depth[0] == 0 and path not in calls.order:
+                calls.order.append(path)
+                if not kwargs and _tensor_args(args):
+                    calls.args[path] = clone_inputs(args)
+            depth[0] += 1
+
+        return hook
+
+    def after(module, args, output):
+        depth[0] -= 1
+
+    handles = []
+    for path, m in root.named_modules():
+        if path:
+            handles.append(m.register_forward_pre_hook(before(path), with_kwargs=True))
+            handles.append(m.register_forward_hook(after, always_call=True))
+    try:
+        with job.guard(), torch.no_grad():
+            root(*clone_inputs(inputs))
+        calls.ran = True
+    except CallerTensorWritten:
+        raise
+    except Exception:  # noqa: BLE001 - what ran before the failure is still useful
+        calls.ran = bool(calls.order)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def _tensor_args(args: tuple) -> bool:
+    leaves = tree_leaves(list(args))
+    return bool(leaves) and all(isinstance(t, torch.Tensor) for t in leaves)
+
+
+def _routes_layers(root: nn.Module, calls: Calls) -> bool:
+    """Whether ``root``'s forward runs the layers of one of its containers, every one in turn,
+    and nothing else (YOLO's ``_predict_once`` over the ``nn.Sequential`` it routes with each
+    layer's ``f`` and ``i``): a network of layers of different kinds, folded layer by layer so
+    that it keeps its class and its interface. (A head that runs a list of like convs is not:
+    it is captured whole.)"""
+    for name, child in root.named_children():
+        if isinstance(child, _CONTAINERS) and len(child) > 1:
+            items = [f"{name}.{key}" for key, _ in child.named_children()]
+            if calls.order == items:
+                return len({type(m) for m in child.children()}) > 1
+    return False
+
+
+def _captured(model: nn.Module, inputs: tuple, job: Job, parts: list[str] | None = None
+              ) -> Traced:
+    """``model`` captured with torch.export on ``inputs`` (once per fold: verification folds
+    again), as a fresh copy that folding may change; only where the capture may merge more
+    than its parts folded apart (:func:`reparam.crossing.merges_across`: the parts are its
+    children, or ``parts`` beside what torch.fx traced)."""
+    key = id(model)
+    if key not in job.captures:
+        try:
+            with job.guard():
+                if not merges_across(light_copy(model), clone_inputs(inputs), parts):
+                    raise TraceError("no parameterized linear op of it meets another across "
+                                     "its parts: they are folded one by one (a torch.export "
+                                     "capture would merge nothing more)")
+                job.captures[key] = capture(model, inputs, type(model).__name__)
+        except TraceError as e:
+            job.captures[key] = e
+    found = job.captures[key]
+    if isinstance(found, TraceError):
+        raise found
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(found.graph, {}))
+    return Traced(light_copy(found.root), graph, found.name, [], found.how)
+
+
+def _fold_untraceable(model: nn.Module, inputs: tuple | None, job: Job, why: str,
+                      capture_regions: bool = False, export: bool = True) -> Folded:
+    """``model`` does not trace with torch.fx (or not faithfully): captured with torch.export on
+    the inputs it receives and folded whole, unless its forward routes layers (then, or when the
+    capture fails, each child is folded on what it receives: :func:`_fold_children`)."""
+    if inputs is None:
+        try:
+            inputs = guess_inputs(model)
+        except ReparamError:
+            inputs = None
     root = light_copy(model)
+    calls = _record_calls(light_copy(model), inputs, job)  # its run may fill caches: not root's
+    if export and inputs is not None and not job.leaves and not _routes_layers(root, calls):
+        try:
+            traced = _captured(model, inputs, job)
+        except TraceError as e:
+            why = f"{why}; {str(e)[:300]}"
+        else:
+            done = _fold_traced(model, traced, inputs, job, capture_regions)
+            done.report.captured.insert(0, ("", f"{traced.how}; torch.fx: {why[:200]}"))
+            return done
+    return _fold_children(model, root, inputs, job, why, calls)
+
+
+def _fold_children(model: nn.Module, root: nn.Module, inputs, job: Job, why: str,
+                   calls: Calls) -> Folded:
+    """Fold each part of ``root`` (a light copy of ``model``) on the arguments it received;
+    containers item by item; keep ``root``'s own forward, and verify it with its folded parts:
+    a part whose folded form breaks it or changes its output is put back."""
     report = Report(untraced=[("", why)])
-    captured = _capture_child_inputs(root, inputs, job)
-    swaps: list[tuple[str, nn.Module, nn.Module]] = []
-    for name, child in list(root.named_children()):
-        if not _parameterized(child):
-            continue
-        folded = _fold_child(child, captured.get(name), job.sub(name), report, name)
-        if folded is not None:
-            swaps.append((name, child, folded))
-            setattr(root, name, folded)
-    reference = None
+    swaps: list[tuple[nn.Module, str, nn.Module, str]] = []
+    _fold_tree(root, "", calls, job, report, swaps)
     if job.verify and inputs is not None and swaps:
         reference = _eager(model, inputs, job)
         _put_back_breaking(root, swaps, inputs, reference, job, report, _dtype(model))
     return Folded(root, report, inputs, None)  # root is a copy: it has the model's hooks
 
 
+def _fold_tree(module: nn.Module, path: str, calls: Calls, job: Job, report: Report,
+               swaps: list) -> None:
+    """Fold the children of ``module`` in place: each one its parent called, on what it
+    received; inside each container and each module called otherwise (keywords, or not at all
+    by the parent itself)."""
+    for name, child in list(module.named_children()):
+        where = f"{path}.{name}" if path else name
+        if not _parameterized(child):
+            continue
+        args = calls.args.get(where)
+        inside = any(p.startswith(where + ".") for p in calls.order)
+        if args is None and (inside or isinstance(child, (nn.ModuleList, nn.ModuleDict))):
+            _fold_tree(child, where, calls, job, report, swaps)
+            continue
+        folded = _fold_child(child, args, job.sub(where), report, where)
+        if folded is not None:
+            swaps.append((module, name, child, where))
+            module._modules[name] = folded
+
+
 def _put_back_breaking(root: nn.Module, swaps, inputs, reference, job: Job, report: Report,
                        dtype: torch.dtype) -> None:
-    """Put back the original child wherever the folded one makes the root fail or differ; a
-    container put back that way (an ``nn.Sequential`` the root iterates or indexes) is then
+    """Put back the original part wherever the folded one makes the root fail or differ; a
+    container put back that way (an ``nn.Sequential`` the root also iterates or indexes) is then
     folded item by item, so that it stays what it was."""
     def ok() -> bool:
         got = _run(root, inputs, job)
@@ -536,35 +796,34 @@ def _put_back_breaking(root: nn.Module, swaps, inputs, reference, job: Job, repo
 
     if ok():
         return
-    for name, child, _ in swaps:
-        setattr(root, name, child)
-        report.regions = [r for r in report.regions if not r.name.startswith(f"{name}.")]
-        if isinstance(child, nn.Sequential):
-            items = dict(child.named_children())
-            captured = _capture_inputs(root, inputs, items, job)
-            done = _fold_items(child, captured, job.sub(name), report, name)
+    for holder, key, original, where in swaps:
+        holder._modules[key] = original
+        report.regions = [r for r in report.regions if not r.name.startswith(f"{where}.")]
+        report.captured = [c for c in report.captured if not c[0].startswith(where)]
+        if isinstance(original, nn.Sequential):
+            calls = Calls(_capture_inputs(root, inputs, {
+                name: item for name, item in original.named_children()}, job), ran=True)
+            inner: list = []
+            _fold_tree(original, "", calls, job.sub(where), report_in := Report(), inner)
+            report.merge(report_in, where)
             if not ok():
-                for key, item in done:
-                    child._modules[key] = item
-                report.regions = [r for r in report.regions if not r.name.startswith(f"{name}.")]
+                for item_holder, item_key, item, _ in inner:
+                    item_holder._modules[item_key] = item
+                report.regions = [r for r in report.regions
+                                  if not r.name.startswith(f"{where}.")]
         else:
-            report.untraced.append((name, "its folded form changed what its parent computes "
-                                          "(the parent may read its attributes): kept as it was"))
+            report.untraced.append((where, "its folded form changed what its parent computes "
+                                           "(the parent may read its attributes): kept as it was"))
         if ok():
             return
-    for name, child, _ in swaps:  # pragma: no cover - every child put back: the root alone
-        setattr(root, name, child)
+    for holder, key, original, _ in swaps:  # pragma: no cover - every part put back
+        holder._modules[key] = original
 
 
 def _fold_child(child: nn.Module, args, job: Job, report: Report, path: str
                 ) -> nn.Module | None:
-    """Fold one child of an untraceable module, keeping the plain attributes its parent may read
-    (``self.attn.resolution``, Ultralytics' ``f`` and ``i``); ``None`` when it cannot be folded.
-    A container its parent may iterate or index (``nn.Sequential``, ``nn.ModuleList``) is folded
-    item by item, so it stays what it was."""
-    if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
-        _fold_items(child, {}, job, report, path)  # the parent calls its items: see _fold_inside
-        return None
+    """Fold one part of an untraceable module, keeping the plain attributes its parent may read
+    (``self.attn.resolution``, Ultralytics' ``f`` and ``i``); ``None`` when it cannot be folded."""
     try:
         done = _fold_verified(child, args, job)
     except CallerTensorWritten:
@@ -573,37 +832,22 @@ def _fold_child(child: nn.Module, args, job: Job, report: Report, path: str
         report.untraced.append((path, str(e).splitlines()[0][:200]))
         return None
     folded = done.module
-    for key, value in vars(child).items():
-        if not key.startswith("_") and not hasattr(folded, key):
-            setattr(folded, key, value)
-    if folded is child:
-        report.merge(done.report, path)
-        return None
+    own = vars(folded)
+    kept = {key: value for key, value in vars(child).items()  # Ultralytics' f, i, type, np
+            if not key.startswith("_") and key not in own and not isinstance(value, nn.Module)}
+    for key, value in kept.items():  # object's setattr: Ultralytics' ``type`` shadows a method
+        object.__setattr__(folded, key, value)
+    if kept and isinstance(folded, fx.GraphModule):  # so that copy.deepcopy keeps them too
+        folded.meta.setdefault(_PRESERVED, {}).update(kept)
     report.merge(done.report, path)
-    return folded
+    return None if folded is child else folded
 
 
-def _fold_items(container: nn.Module, captured: dict[str, tuple], job: Job, report: Report,
-                path: str) -> list[tuple[str, nn.Module]]:
-    """Fold each item of a container in place (the container stays, so its parent can iterate
-    or index it); returns ``(key, original item)`` of each item replaced."""
-    done = []
-    for name, item in list(container.named_children()):
-        if not _parameterized(item):
-            continue
-        folded = _fold_child(item, captured.get(name), job.sub(name), report, f"{path}.{name}")
-        if folded is not None:
-            done.append((name, item))
-            container._modules[name] = folded
-    return done
+_PRESERVED = "_user_preserved_attributes"  # torch.fx: set again on a GraphModule's deepcopy
 
 
 def _parameterized(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
-
-
-def _capture_child_inputs(root: nn.Module, inputs, job: Job) -> dict[str, tuple]:
-    return _capture_inputs(root, inputs, dict(root.named_children()), job)
 
 
 def _capture_inputs(root: nn.Module, inputs, modules: dict[str, nn.Module], job: Job
@@ -629,16 +873,17 @@ def _capture_inputs(root: nn.Module, inputs, modules: dict[str, nn.Module], job:
 
 def _recorder(store: dict, name: str):
     def hook(module, args):
-        if name not in store and all(isinstance(a, torch.Tensor) for a in args):
-            store[name] = tuple(a.detach().clone() for a in args)
+        if name not in store and _tensor_args(args):
+            store[name] = clone_inputs(args)
 
     return hook
 
 
 def _capture_leaf_inputs(gm: nn.Module, paths: list[str]
                          ) -> tuple[list, dict[str, dict[str, tuple]]]:
-    """Hooks that record, during the observed run, what each leaf's children receive; returns
-    their handles (to remove after the run) and the store they fill."""
+    """Hooks that record, during the observed run, what each leaf receives (key ``""``) and
+    what each of its children receives; returns their handles (to remove after the run) and
+    the store they fill."""
     store: dict[str, dict[str, tuple]] = {}
     handles = []
     for path in paths:
@@ -647,6 +892,7 @@ def _capture_leaf_inputs(gm: nn.Module, paths: list[str]
         except AttributeError:
             continue
         store[path] = {}
+        handles.append(leaf.register_forward_pre_hook(_recorder(store[path], "")))
         for name, child in leaf.named_children():
             handles.append(child.register_forward_pre_hook(_recorder(store[path], name)))
     return handles, store
@@ -654,13 +900,25 @@ def _capture_leaf_inputs(gm: nn.Module, paths: list[str]
 
 def _fold_inside(gm: fx.GraphModule, path: str, captured: dict[str, tuple] | None, job: Job,
                  report: Report) -> None:
-    """Fold the children of an untraceable leaf module, one by one."""
+    """A leaf that did not trace: captured whole where it can be (on what it received), else its
+    children folded one by one. A leaf the caller named, or one that uses autocast, is kept
+    whole: only its children are folded."""
     try:
         leaf = gm.get_submodule(path)
     except AttributeError:  # folded away as a whole
         return
+    captured = captured or {}
+    named = path in job.leaves or _uses_autocast(type(leaf))
+    if not named and "" in captured and _parameterized(leaf):
+        folded = _fold_child(leaf, captured[""], job.sub(path), sub := Report(), path)
+        if folded is not None:
+            parent, _, name = path.rpartition(".")
+            gm.get_submodule(parent)._modules[name] = folded
+            report.untraced = [(p, w) for p, w in report.untraced if p != path]
+            report.merge(sub, "")
+            return
     for name, child in list(leaf.named_children()):
-        args = (captured or {}).get(name)  # None: not reached by the example input
+        args = captured.get(name)  # None: not reached by the example input
         if not _parameterized(child):
             continue
         folded = _fold_child(child, args, job.sub(f"{path}.{name}"), report, f"{path}.{name}")

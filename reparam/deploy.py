@@ -74,18 +74,35 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
 
 
-def save(model: nn.Module, path: str | Path, example_inputs=None) -> Path:
+def save(model: nn.Module | torch.export.ExportedProgram, path: str | Path,
+         example_inputs=None) -> Path:
     """Write ``model`` to ``path`` in the format its extension names (``.pt``/``.pth``,
     ``.pt2``, ``.onnx``, ``.ts``, ``.safetensors``; see :data:`HOW_TO_LOAD`) and return the path.
 
     ``.pt2``, ``.onnx`` and ``.ts`` trace the model on ``example_inputs`` (a tensor or a tuple),
     by default random inputs of the shapes ``reparam.fold`` recorded on the model it returned.
     An unknown extension, a missing optional package, or a model the exporter cannot handle
-    raises :class:`~reparam.ReparamError` saying what to do.
+    raises :class:`~reparam.ReparamError` saying what to do. An ``ExportedProgram`` (what
+    ``fold`` returns for one) is written as it is to ``.pt2``, and as its module to ``.onnx``
+    and ``.safetensors``.
     """
-    if not isinstance(model, nn.Module):
-        raise ReparamError(f"save expects a torch.nn.Module, got {type(model).__name__}")
     path = Path(path)
+    if isinstance(model, torch.export.ExportedProgram):  # what fold(program) returns
+        if format_of(path) == ".pt2":
+            if not path.parent.is_dir():
+                raise ReparamError(f"cannot write {path}: the folder {path.parent} does not exist")
+            torch.export.save(model, path)
+            return path
+        if format_of(path) in (".pt", ".pth", ".ts"):
+            raise ReparamError(f"cannot write {path}: an ExportedProgram is written as .pt2 "
+                               "(torch.export.save), .onnx or .safetensors; for .pt or .ts, "
+                               "fold the model it was exported from")
+        if example_inputs is None and getattr(model, "example_inputs", None):
+            example_inputs = tuple(model.example_inputs[0])
+        model = model.module()
+    if not isinstance(model, nn.Module):
+        raise ReparamError(f"save expects a torch.nn.Module or a torch.export.ExportedProgram, "
+                           f"got {type(model).__name__}")
     suffix = format_of(path)
     if not path.parent.is_dir():
         raise ReparamError(f"cannot write {path}: the folder {path.parent} does not exist")

@@ -13,3 +13,8 @@ class TraceError(ReparamError):
 
 class CheckError(ReparamError):
     """A folded model disagrees with the original (raised by ``fold(..., check=True)``)."""
+
+
+class GuardError(ReparamError, ValueError):
+    """A part captured with torch.export is run on inputs it was not captured for (another size,
+    dtype or device its code depends on)."""

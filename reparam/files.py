@@ -239,9 +239,10 @@ def _read_program(path: Path, code: tuple[str, ...], trust_pickle: bool,
         raise ReparamError(f"{path} could not be read as a torch.export program (written by "
                            "another torch version, or damaged): export it again") from e
     raise ReparamError(
-        f"{path} is a torch.export program ({len(program.graph.nodes)} nodes): reparam cannot "
-        "fold an exported program yet; fold the model it was exported from (its builder, with "
-        "--weights) and write the result with -o OUT.pt2")
+        f"{path} is a torch.export program ({len(program.graph.nodes)} nodes): the command line "
+        "folds modules; in Python, reparam.fold(torch.export.load(path)) returns the folded "
+        "program, or fold the model it was exported from here (its builder, with --weights) "
+        "and write the result with -o OUT.pt2")
 
 
 # --- weights ----------------------------------------------------------------------------------

@@ -95,6 +95,8 @@ class IR:
             if value is not _MISSING:
                 self.consts[node] = Const(value)
                 return entry
+        if "reparam_value" in node.meta:  # Python arithmetic on sizes, not a tensor op
+            return entry
         entry.matches, entry.why = self.recognizer.matches(node, self.modules)
         if entry.matches:
             entry.why = None
@@ -105,7 +107,7 @@ class IR:
             except (TypeError, ValueError, AttributeError, KeyError):
                 entry.macs = 0
             entry.params = self._params_of(node)
-            entry.computed = self._computed(node, op)
+            entry.computed = op.effect is Effect.MAP and self._computed(node, op)
         return entry
 
     def _computed(self, node: fx.Node, op: Op) -> bool:
@@ -124,7 +126,8 @@ class IR:
         ``contiguous()`` make a new tensor or layout: they stay."""
         node = entry.node
         if (entry.effect is not Effect.IDENTITY or node.op not in ("call_module", "call_function")
-                or node in self.obs.writers or node.kwargs.get("inplace")):
+                or node in self.obs.writers or node.kwargs.get("inplace")
+                or entry.op.attrs.get("copies")):
             return False
         x = entry.op.inputs[0]
         if not isinstance(x, fx.Node):

@@ -23,6 +23,7 @@ from .cost import kernel_cost, ops_cost
 from .ir import IR
 from .kernel import Kernel, nonnegative_padding, regroup
 from .nodes import is_rank_query, is_shape_query, shape_of
+from .pattern import Effect
 from .policies import trivial
 from .report import Region
 from .values import Lin, View, source_node, source_shape
@@ -61,6 +62,30 @@ def to_module(k: Kernel, dtype: torch.dtype, device: torch.device | None = None,
     return module.eval()
 
 
+class ChannelAffine(nn.Module):
+    """``x * weight + bias`` with one value per channel (axis 1; the last axis for tokens): what
+    a region of per-channel ops alone (two BNs, a BN and a scale, ``x * 2 - 0.5``) folds into,
+    rather than a depthwise 1x1 conv."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, channels_last: bool = False
+                 ) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias)
+        self.channels_last = channels_last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [1] * x.dim()
+        shape[-1 if self.channels_last or x.dim() == 1 else 1] = -1
+        return torch.addcmul(self.bias.view(shape), x, self.weight.view(shape))
+
+
+def to_affine(k: Kernel, dtype: torch.dtype) -> ChannelAffine:
+    """The :class:`ChannelAffine` of a per-channel kernel (``k.is_diagonal``)."""
+    weight = k.weight.detach().reshape(-1).to(dtype)
+    return ChannelAffine(weight, k.bias.detach().to(dtype), k.channels_last).eval()
+
+
 @dataclass
 class Made:
     """One region as materialized: its module, the node that calls it, and its report."""
@@ -97,7 +122,8 @@ class Materializer:
             if is_identity(value.kernel) and value.source is not b and not isinstance(
                     value.source, View):
                 if (b in a.mutated or value.source in a.mutated
-                        or any(n.op == "call_method" for n in value.nodes)):
+                        or any(ir.entries[n].op.attrs.get("copies") for n in value.nodes
+                               if ir.entries[n].op is not None)):
                     continue  # clone() and contiguous() make a new tensor or layout: they stay
                 source = done.get(value.source, value.source)
                 b.replace_all_uses_with(source)
@@ -129,8 +155,12 @@ class Materializer:
             if writer is not None and ir.position(writer) < ir.position(b):
                 return None  # the view is made before the region ends: its base must hold
         main = max(value.nodes, key=lambda n: (ir.entries[n].macs, -ir.position(n)))
-        module = to_module(value.kernel, value.kernel.weight.dtype,  # cast by the analysis
-                           bias=value.biased)
+        if value.kernel.is_diagonal and not value.kernel.transposed and value.kernel.nd and all(
+                ir.entries[n].effect is not Effect.MAP for n in value.nodes):
+            module = to_affine(value.kernel, value.kernel.weight.dtype)
+        else:
+            module = to_module(value.kernel, value.kernel.weight.dtype,  # cast by the analysis
+                               bias=value.biased)
         fmt = self._memory_format(main)
         if fmt is not None and module.weight.dim() == 4 + (fmt is torch.channels_last_3d):
             module.to(memory_format=fmt)
@@ -159,7 +189,9 @@ class Materializer:
                 replaced_by.setdefault(("rank", n), source if len(rank_of) == len(
                     source_shape(value.source) or ()) else new)
         region = Region(
-            _TEMP, tuple(n.name for n in nodes), value.rules, value.kernel.geometry(),
+            _TEMP, tuple(n.name for n in nodes), value.rules,
+            f"x*w+b({module.weight.numel()})" if isinstance(module, ChannelAffine)
+            else value.kernel.geometry(),
             sum(t.numel() for t in _params(ir, value.nodes)),
             sum(p.numel() for p in module.parameters()),
             ops_cost(ir, value.nodes), kernel_cost(b, value),

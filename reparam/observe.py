@@ -35,7 +35,7 @@ import torch
 from torch import fx, nn
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from .errors import ReparamError
 
@@ -281,7 +281,8 @@ def fetch_path(root: nn.Module, target: str) -> Any:
 
 
 def _copies(inputs: Iterable) -> tuple:
-    return tuple(t.detach().clone() if isinstance(t, torch.Tensor) else t for t in inputs)
+    return tuple(tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t,
+                          list(inputs)))
 
 
 def observe(gm: nn.Module, inputs: tuple, protect: nn.Module | None = None,

@@ -72,10 +72,13 @@ class State:
 def trivial(ir: IR, value: Lin) -> bool:
     """Nothing to gain from a module: fewer than two ops to merge (identities vanish on their own,
     and the layout ops a per-channel map was moved through are re-made on the source, not merged)
-    and no kernel computed from parameters (that one is worth a plain conv even alone)."""
+    and no kernel computed from parameters (that one is worth a plain conv even alone); or only
+    arithmetic with constants, no parameter (a module would add parameters)."""
     chain = set(value.source.chain) if isinstance(value.source, View) else set()
     real = [n for n in value.nodes
             if ir.entries[n].effect is not Effect.IDENTITY and n not in chain]
+    if all(ir.entries[n].effect is not Effect.MAP and not ir.entries[n].params for n in real):
+        return True  # arithmetic with constants only (``x * 2 - 0.5``): nothing to take in
     return len(real) < 2 and not any(ir.entries[n].computed for n in real)
 
 

@@ -84,6 +84,8 @@ class Report:
     # sums and concats of tensors that are not one linear map of one input (a ResNet's
     # residuals): joins of the network, not leftovers
     joins: list[Leftover] = field(default_factory=list)
+    # (path, how) of each part torch.fx could not trace that was captured with torch.export
+    captured: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -95,12 +97,17 @@ class Report:
     def merge(self, other: Report, prefix: str) -> None:
         """Fold a sub-module's report into this one, its names under ``prefix``."""
         dot = f"{prefix}." if prefix else ""
+
+        def under(path: str) -> str:
+            return f"{dot}{path}" if path else prefix
+
         for r in other.regions:
             self.regions.append(replace(r, name=dot + r.name,
                                         replaced=tuple(dot + n for n in r.replaced)))
         self.leftovers += [Leftover(dot + x.node, x.op, x.reason) for x in other.leftovers]
         self.joins += [Leftover(dot + x.node, x.op, x.reason) for x in other.joins]
-        self.untraced += [(dot + p, why) for p, why in other.untraced]
+        self.untraced += [(under(p), why) for p, why in other.untraced]
+        self.captured += [(under(p), how) for p, how in other.captured]
         self.notes += [f"{prefix}: {n}" if prefix else n for n in other.notes]
 
     def summary(self) -> list[str]:
@@ -144,6 +151,10 @@ class Report:
             rows = tuple((path or "(the model)", why) for path, why in self.untraced)
             tables.append(Table("not traced (folded inside where possible):",
                                 ("module", "reason"), rows))
+        if self.captured:
+            rows = tuple((path or "(the model)", how) for path, how in self.captured)
+            tables.append(Table("captured with torch.export (torch.fx could not trace them):",
+                                ("module", "how"), rows))
         if self.notes:
             tables.append(Table("notes:", ("note",), tuple((n,) for n in self.notes)))
         return tables

@@ -20,7 +20,7 @@ from torch import fx, nn
 
 from .analysis import Analysis
 from .ir import IR
-from .materialize import Materializer, name_modules
+from .materialize import ChannelAffine, Materializer, name_modules
 from .nodes import is_rank_query, is_shape_query
 from .observe import Observation
 from .pattern import Effect, Recognizer
@@ -68,7 +68,8 @@ def _ops_after(ir: IR, graph: fx.Graph, made, clone_of: dict[fx.Node, fx.Node]
                ) -> dict[str, int]:
     """The op counts of the folded graph, from what the IR read (each node read once): kept
     nodes as they were read, a view's ops as their originals, each region's module by its kind."""
-    kinds = {item.node: "linear" if isinstance(item.module, nn.Linear) else "conv"
+    kinds = {item.node: "linear" if isinstance(item.module, nn.Linear) else
+             "scale_shift" if isinstance(item.module, ChannelAffine) else "conv"
              for item in made}
     counts: dict[str, int] = {}
     data: set[fx.Node] = set()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
+from torch.utils._pytree import tree_map
 
 from .errors import ReparamError, TraceError
 from .observe import observe
@@ -139,6 +140,16 @@ class _Tracer(fx.Tracer):
             return args[0]
         return super().call_module(m, forward, args, kwargs)
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        """A call that returns a known number of tensors (``x.chunk(2, 1)``,
+        ``x.split([a, b])``) gives a proxy that can be iterated (``list(x.chunk(2, 1))``, as
+        Ultralytics' C2f writes it); each item is a ``getitem``. (``chunk`` may return fewer
+        chunks on a small axis: the trace is checked against eager mode before it is used.)"""
+        count = _parts(node)
+        if count is not None:
+            return _Parts(node, self, count)
+        return super().proxy(node)
+
     def _name_of(self, t: torch.Tensor) -> str | None:
         if self._names is None:
             self._names = {}
@@ -166,15 +177,46 @@ class _Tracer(fx.Tracer):
         return parameter_proxy_cache[name]
 
 
+class _Parts(fx.Proxy):
+    """A proxy for a tuple of ``count`` tensors."""
+
+    def __init__(self, node: fx.Node, tracer, count: int) -> None:
+        super().__init__(node, tracer)
+        self.count = count
+
+    def __iter__(self):
+        return iter([self[i] for i in range(self.count)])
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def _parts(node: fx.Node) -> int | None:
+    """How many tensors a ``chunk`` or ``split`` by sizes returns, when the call says."""
+    args = list(node.args) + [None, None]
+    if (node.op == "call_method" and node.target == "chunk") or (
+            node.op == "call_function" and node.target is torch.chunk):
+        chunks = node.kwargs.get("chunks", args[1])
+        return chunks if isinstance(chunks, int) and chunks > 0 else None
+    if (node.op == "call_method" and node.target == "split") or (
+            node.op == "call_function" and node.target is torch.split):
+        sizes = node.kwargs.get("split_size", node.kwargs.get("split_size_or_sections", args[1]))
+        return len(sizes) if isinstance(sizes, (list, tuple)) and all(
+            isinstance(v, int) for v in sizes) else None
+    return None
+
+
 @dataclass
 class Traced:
     """A traced copy of a model: the copy (``root``, whose modules the graph calls), the graph,
-    the model's class name, and the ``(path, reason)`` of each submodule kept whole."""
+    the model's class name, the ``(path, reason)`` of each submodule kept whole, and how it was
+    captured (empty: torch.fx)."""
 
     root: nn.Module
     graph: fx.Graph
     name: str
     untraced: list[tuple[str, str]]
+    how: str = ""
 
     def module(self) -> fx.GraphModule:
         """The traced graph as a graph module (code is generated here)."""
@@ -206,9 +248,7 @@ def trace(make_copy: Callable[[], nn.Module], leaf_modules: Iterable[str] = (),
             why = f"{type(e).__name__}: {e}".splitlines()[0][:300]
             if not path or path in leaves:
                 raise TraceError(
-                    f"{type(root).__name__} does not trace with torch.fx ({why}). Fold its "
-                    "submodules one by one, or pass leaf_modules=[...] naming the parts that "
-                    "cannot be traced."
+                    f"{type(root).__name__} does not trace with torch.fx ({why})"
                 ) from e
             leaves.add(path)
             untraced.append((path, why))
@@ -270,13 +310,13 @@ _FIRST_OPS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, nn.ConvTranspose1d: 1,
               nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
 
 
-def guess_inputs(model: nn.Module, traced: Traced) -> tuple:
+def guess_inputs(model: nn.Module, traced: Traced | None = None) -> tuple:
     """A plausible input when the caller gave none: the model's own ``default_input_size`` (the
     zoo networks state their paper's, e.g. ``(3, 224, 224)``), timm's ``input_size``, or one
-    fitted to the first layer."""
-    gm = traced.root
-    placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != 1:
+    fitted to the first layer (in graph order when traced, else in module order)."""
+    placeholders = ([n for n in traced.graph.nodes if n.op == "placeholder"]
+                    if traced is not None else [])
+    if traced is not None and len(placeholders) != 1:
         raise ReparamError(
             f"{type(model).__name__}.forward takes {len(placeholders)} inputs; pass "
             "example_inputs=(...) to fold"
@@ -290,32 +330,51 @@ def guess_inputs(model: nn.Module, traced: Traced) -> tuple:
         size = cfg.get("input_size")
     if size:
         return (torch.randn(1, *size, dtype=dtype, device=device),)
+    first = _first_layer(model, traced)
+    if isinstance(first, nn.Linear):
+        return (torch.randn(2, first.in_features, dtype=dtype, device=device),)
+    if isinstance(first, tuple):
+        nd, channels = first
+        return (torch.randn(2, channels, *([64 if nd < 3 else 16] * nd), dtype=dtype,
+                            device=device),)
+    raise ReparamError(
+        f"reparam could not guess an input for {type(model).__name__}; pass "
+        "example_inputs=(torch.randn(...),) to fold"
+    )
+
+
+def _layer_input(m: nn.Module) -> tuple[int, int] | nn.Linear | None:
+    if type(m) in _FIRST_OPS:
+        channels = getattr(m, "in_channels", None) or getattr(m, "num_features", None)
+        return (_FIRST_OPS[type(m)], channels)
+    return m if isinstance(m, nn.Linear) else None
+
+
+def _first_layer(model: nn.Module, traced: Traced | None):
+    """The first conv, BN or linear layer the input meets: ``(spatial dims, channels)`` or the
+    ``nn.Linear``."""
+    if traced is None:
+        return next((found for m in model.modules() if (found := _layer_input(m)) is not None),
+                    None)
+    gm = traced.root
     modules = dict(gm.named_modules())
-    frontier = list(placeholders[0].users)
+    frontier = [u for n in traced.graph.nodes if n.op == "placeholder" for u in n.users]
     for _ in range(64):
         if not frontier:
             break
         node = frontier.pop(0)
         m = modules.get(str(node.target)) if node.op == "call_module" else None
-        if m is not None and type(m) in _FIRST_OPS:
-            nd = _FIRST_OPS[type(m)]
-            channels = getattr(m, "in_channels", None) or getattr(m, "num_features", None)
-            size = 64 if nd < 3 else 16
-            return (torch.randn(2, channels, *([size] * nd), dtype=dtype, device=device),)
-        if isinstance(m, nn.Linear):
-            return (torch.randn(2, m.in_features, dtype=dtype, device=device),)
+        found = _layer_input(m) if m is not None else None
+        if found is not None:
+            return found
         if node.op == "call_function" and getattr(node.target, "__name__", "").startswith(
             "conv"
         ) and len(node.args) > 1 and isinstance(node.args[1], fx.Node):
             w = _attr(gm, node.args[1])
             if isinstance(w, torch.Tensor):
-                nd = w.dim() - 2
-                return (torch.randn(2, w.shape[1], *([64] * nd), dtype=dtype, device=device),)
+                return (w.dim() - 2, w.shape[1])
         frontier.extend(node.users)
-    raise ReparamError(
-        f"reparam could not guess an input for {type(model).__name__}; pass "
-        "example_inputs=(torch.randn(...),) to fold"
-    )
+    return None
 
 
 def _attr(gm: nn.Module, node: fx.Node):
@@ -328,7 +387,24 @@ def _attr(gm: nn.Module, node: fx.Node):
 
 
 def clone_inputs(inputs: tuple) -> tuple:
-    return tuple(t.detach().clone() if isinstance(t, torch.Tensor) else t for t in inputs)
+    """Copies of the tensors in ``inputs``, inside lists, tuples and dicts too (a head that takes
+    a list of feature maps may write into it)."""
+    return tuple(tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t,
+                          list(inputs)))
+
+
+@functools.cache
+def branches_on_training(cls: type) -> bool:
+    """Whether the class's ``forward`` (outside torch) reads ``self.training``: it computes
+    something else in training mode (ECBSR's blocks rebuild their kernel in eval mode)."""
+    for tree in _class_trees(cls):
+        for fn in ast.walk(tree):
+            if isinstance(fn, ast.FunctionDef) and fn.name == "forward" and any(
+                    isinstance(n, ast.Attribute) and n.attr == "training"
+                    and isinstance(n.value, ast.Name) and n.value.id == "self"
+                    for n in ast.walk(fn)):
+                return True
+    return False
 
 
 def propagate_shapes(gm: fx.GraphModule, inputs: tuple, protect: nn.Module | None = None

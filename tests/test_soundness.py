@@ -114,12 +114,7 @@ def test_out_arguments_are_writes(model):
     exact(model(), torch.randn(2, 3, 6, 6))
 
 
-SETITEM = pytest.param("setitem", marks=pytest.mark.xfail(
-    strict=True, raises=reparam.TraceError,
-    reason="slice assignment does not trace with torch.fx: the capture path (deployed code)"))
-
-
-@pytest.mark.parametrize("how", ["data", "detach", "view", "slice", "aten", "copy", SETITEM])
+@pytest.mark.parametrize("how", ["data", "detach", "view", "slice", "aten", "copy", "setitem"])
 def test_writes_through_any_alias_are_seen(how):
     folded = exact(Written(how), torch.randn(2, 3, 6, 6))
     assert n_ops(folded, "batch_norm") == 0  # c1 + bn still fold: they end before the write

@@ -3,8 +3,7 @@ models behind ``tests/test_deployed.py``'s routed and C2f blocks. Skipped withou
 
 Measured by ``scripts/ultralytics_all.py`` (its ``measure`` is the one used here): Ultralytics'
 own ``fuse()`` is the reference (no BN left, output unchanged); ``reparam.fold`` must do at least
-as well and keep the model usable by Ultralytics (same output tree at two input sizes). The fold
-checks are ``xfail(strict=True)`` until the engine gets there (issue 14).
+as well and keep the model usable by Ultralytics (same output tree at two input sizes).
 """
 
 from __future__ import annotations
@@ -66,13 +65,8 @@ def test_ultralytics_fuse_is_the_reference(rows, name):
     assert row["fuse"]["same_structure"]
 
 
-DETECT_XFAIL = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "issue 14: the root (_predict_once over f/i-routed layers) does not trace, and the "
-    "Sequential it routes does not trace as a chain"))
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [pytest.param("yolov8n", marks=DETECT_XFAIL), "yolov8n-cls"])
+@pytest.mark.parametrize("name", list(CASES))
 def test_fold_does_as_well_as_ultralytics_fuse(rows, name):
     row = _row(rows, name)
     assert "fold_error" not in row, row.get("fold_error")

@@ -10,6 +10,7 @@ from .common import (
     concat_branches,
     conv,
     conv_bn,
+    filled_pad,
     identity_as_dirac,
     identity_ops,
     pad_small_kernel,
@@ -31,7 +32,7 @@ ACNET: tuple[Rule, ...] = COMMON + (pad_small_kernel,)
 #: Diverse Branch Block: adds sequential 1x1 -> KxK, 1x1 -> avg-pool, zero-pad, concat.
 DBB: tuple[Rule, ...] = COMMON + (
     pad_small_kernel, identity_as_dirac, sequential_1x1_kxk, sequential_kxk_1x1,
-    avg_pool_as_conv, zero_pad, concat_branches,
+    avg_pool_as_conv, zero_pad, filled_pad, concat_branches,
 )
 #: Everything reparam knows (the default): DBB plus BN before a conv, regrouping, KxK then KxK,
 #: per-channel ops inside a flatten/reshape of tokens (LeViT), and a per-channel map moved past
@@ -41,7 +42,7 @@ ALL: tuple[Rule, ...] = LAYOUT + DBB + (bn_conv, regroup, sequential_kxk_kxk) + 
 
 __all__ = [
     "ACNET", "ALL", "COMMON", "DBB", "LAYOUT", "REPVGG", "Rule", "avg_pool_as_conv", "bn_conv",
-    "concat_branches", "conv", "conv_bn", "identity_as_dirac", "identity_ops", "law",
+    "concat_branches", "conv", "conv_bn", "filled_pad", "identity_as_dirac", "identity_ops", "law",
     "layout_affine", "ops",
     "pad_small_kernel", "parallel_sum", "regroup", "rule", "scale_shift", "sequential_1x1_kxk",
     "sequential_kxk_1x1", "sequential_kxk_kxk", "TOKENS", "token_reshape", "zero_pad",

@@ -17,7 +17,21 @@ from ..context import Context, Layout
 from ..kernel import Kernel, NotExact
 from ..pattern import Op
 from ..values import Lin, NoFold, View, law, rule
-from .ops import ADD, AVG_POOL, BATCH_NORM, CAT, CONV, DIV, IDENTITY, LINEAR, MUL, NEG, PAD, SUB
+from .ops import (
+    ADD,
+    AVG_POOL,
+    BATCH_NORM,
+    CAT,
+    CONV,
+    DIV,
+    FILLED_PAD,
+    IDENTITY,
+    LINEAR,
+    MUL,
+    NEG,
+    PAD,
+    SUB,
+)
 
 # --- laws that rules call on ------------------------------------------------------------------
 
@@ -321,16 +335,10 @@ def avg_pool_as_conv(ctx: Context, op: Op) -> Lin:
     return ctx.result(_exact(K.compose, x.kernel, pool), x, rule="avg_pool_as_conv")
 
 
-@rule("zero_pad", PAD)
-def zero_pad(ctx: Context, op: Op) -> Lin:
-    """pad(A(x)) => A'(x) with a larger padding. Exact when A is pointwise and either the pad is
-    zeros and A has no bias (its output at the border is 0), or the pad is reflect, replicate or
-    circular and A had no padding (those commute with a per-channel map). The pad must be
-    symmetric per axis."""
-    a = op.attrs
-    layout = _rank_layout(ctx, op.inputs[0])
-    nd = layout[0]
-    pad = ctx.const(a["pad"])
+def _pad_per_axis(ctx: Context, pad, nd: int) -> list[int]:
+    """A pad's amounts (last axis first, as ``F.pad`` takes them) as one amount per spatial axis;
+    the pad must be constant, non-negative, symmetric and on spatial axes only."""
+    pad = ctx.const(pad)
     if isinstance(pad, (list, tuple)):
         pad = [ctx.const(p) for p in pad]
     if not isinstance(pad, (list, tuple)) or not all(isinstance(p, int) for p in pad):
@@ -343,14 +351,23 @@ def zero_pad(ctx: Context, op: Op) -> Lin:
         if left != right:
             raise NoFold("an asymmetric pad cannot become a conv's padding")
         per_axis[nd - 1 - i] = left
+    return per_axis
+
+
+@rule("zero_pad", PAD)
+def zero_pad(ctx: Context, op: Op) -> Lin:
+    """pad(A(x)) => A'(x) with a larger padding. Exact when A is pointwise and either the pad is
+    zeros and A has no bias (its output at the border is 0), or the pad is reflect, replicate or
+    circular and A had no padding (those commute with a per-channel map). The pad must be
+    symmetric per axis."""
+    a = op.attrs
+    layout = _rank_layout(ctx, op.inputs[0])
+    per_axis = _pad_per_axis(ctx, a["pad"], layout[0])
     mode = {"constant": "zeros"}.get(a["mode"], a["mode"])
     if mode == "zeros" and a["value"] not in (0, 0.0, None):
         raise NoFold("a pad with a non-zero constant is not a conv's zero padding")
-    x = ctx.lin(op.inputs[0], layout)
+    x = _padded_map(ctx, op, layout, "zeros")
     k = x.kernel
-    if not k.is_pointwise:
-        raise NoFold(f"padding the output of {k.geometry()} adds zeros that a single conv on the "
-                     "input would not produce")
     if mode == "zeros":
         if k.has_bias:
             raise NoFold("a biased map is zero-padded: the border would not be zero")
@@ -363,6 +380,44 @@ def zero_pad(ctx: Context, op: Op) -> Lin:
         padding = tuple(per_axis)
     return ctx.result(Kernel(k.weight, k.bias, k.stride, padding, k.dilation, k.groups, mode,
                              k.channels_last), x, rule="zero_pad")
+
+
+def _padded_map(ctx: Context, op: Op, layout, what: str) -> Lin:
+    """The map a pad reads, which must be pointwise: padding a wider kernel's output adds
+    border ``what`` that one conv on the input would not produce."""
+    x = ctx.lin(op.inputs[0], layout)
+    if not x.kernel.is_pointwise:
+        raise NoFold(f"padding the output of {x.kernel.geometry()} adds {what} that a single "
+                     "conv on the input would not produce")
+    return x
+
+
+@rule("filled_pad", FILLED_PAD)
+def filled_pad(ctx: Context, op: Op) -> Lin:
+    """pad(A(x)) with every border value set to A's bias => A'(x) with a larger zero padding (a
+    conv adds its bias on its padded border too): DBB's BN-and-pad, ECBSR's bias-filled pad.
+    Exact when A is pointwise and the fill is A's output at zero, its bias (equal to the rounding
+    of the dtype the model computed the fill in: it is the same formula)."""
+    layout = _rank_layout(ctx, op.inputs[0])
+    per_axis = _pad_per_axis(ctx, op.attrs["pad"], layout[0])
+    fill = ctx.const(op.attrs["fill"])
+    if not isinstance(fill, torch.Tensor) or not fill.is_floating_point():
+        raise NoFold("the border value is not a constant")
+    x = _padded_map(ctx, op, layout, "values")
+    k = x.kernel
+    if k.reads_padding and k.padding_mode != "zeros":
+        raise NoFold("padding modes disagree")
+    c = fill.reshape(-1).to(k.bias.dtype).to(k.bias.device)
+    if c.numel() != k.out_channels:
+        raise NoFold("the border value is not one value per channel")
+    scale = max(float(k.bias.abs().max()) if k.bias.numel() else 0.0, float(c.abs().max()),
+                torch.finfo(fill.dtype).tiny)
+    if float((c - k.bias).abs().max()) > 64 * torch.finfo(fill.dtype).eps * scale:
+        raise NoFold("the border is filled with values other than the map's output at zero "
+                     "(its bias), which no conv padding produces")
+    padding = tuple(p + q for p, q in zip(k.padding, per_axis, strict=True))
+    return ctx.result(Kernel(k.weight, k.bias, k.stride, padding, k.dilation, k.groups, "zeros",
+                             k.channels_last), x, rule="filled_pad")
 
 
 @rule("identity_ops", IDENTITY)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..functional import pad_filled
 from ..nodes import shape_of
 from ..pattern import Aten, Effect, Function, Method, Module, Op, per_sample
 
@@ -284,6 +285,12 @@ PAD = (
 """Padding: ``F.pad``, ``nn.ZeroPad*d``, ``nn.ConstantPad*d``, ``nn.ReflectionPad*d``,
 ``nn.ReplicationPad*d``, ``nn.CircularPad*d``, ``aten.pad``, ``aten.constant_pad_nd``."""
 
+FILLED_PAD = (
+    Function(pad_filled, "input, pad, fill", kind="filled_pad", effect=Effect.LAYOUT),
+)
+"""A pad whose border is filled with one value per channel (:func:`reparam.functional.pad_filled`:
+DBB's BN-and-pad and ECBSR's bias-filled pad, as a torch.export capture writes them)."""
+
 
 # --- concat -------------------------------------------------------------------------------------
 
@@ -384,6 +391,12 @@ def _same(b: dict) -> Op:
     return Op("identity", (b["input"],), {})
 
 
+def _copy(b: dict) -> Op:
+    """``clone()``, ``contiguous()``: the same values in a new tensor, maybe in another memory
+    layout (a later ``view`` may need it): the value is the input's, the call stays."""
+    return Op("identity", (b["input"],), {"copies": True})
+
+
 def _dropout_fn(b: dict) -> Op | None:
     return None if b["training"] or b["inplace"] else Op("identity", (b["input"],), {})
 
@@ -394,10 +407,11 @@ IDENTITY = (
     Function(F.dropout, "input, p=0.5, training=True, inplace=False", kind="identity",
              read=_dropout_fn, effect=Effect.IDENTITY),
     Function(operator.pos, "input", kind="identity", read=_same, effect=Effect.IDENTITY),
-    Method(("contiguous", "clone"), "input, *rest", kind="identity", read=_same,
+    Method(("contiguous", "clone"), "input, *rest", kind="identity", read=_copy,
            effect=Effect.IDENTITY),
+    Aten(aten.clone.default, kind="identity", read=_copy, effect=Effect.IDENTITY),
     *(Aten(a, kind="identity", read=_same, effect=Effect.IDENTITY)
-      for a in (aten.clone.default, aten.alias.default, aten.detach.default)),
+      for a in (aten.alias.default, aten.detach.default)),
 )
 """Identities: ``nn.Identity``, ``nn.Dropout*`` and ``F.dropout`` in eval mode, ``+x``,
 ``x.contiguous()``, ``x.clone()``, ``aten.clone``, ``aten.alias``, ``aten.detach``."""
