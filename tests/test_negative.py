@@ -15,11 +15,11 @@ from torch import nn
 import reparam
 
 
-def fold_and_check(block: nn.Module, x: torch.Tensor):
+def fold_and_check(block: nn.Module, x: torch.Tensor, **options):
     block = randomize_bn(block)
-    folded = reparam.fold(block, (x,))
+    folded = reparam.fold(block, (x,), **options)
     assert_equivalent(block, folded, x)
-    assert_exact64(block, x)
+    assert_exact64(block, x, **options)
     return folded, folded.reparam_report
 
 
@@ -116,12 +116,16 @@ def test_padded_kxk_then_padded_kxk_stays():
     assert n_ops(folded, "conv") == 2
 
 
-def test_misaligned_branches_stay():
-    """A 3x3 without padding beside a 1x1: outputs of different sizes never meet in an add."""
+def test_mixed_dilations_are_regridded_only_when_the_cost_allows():
+    """A dilated 3x3 beside dense 3x3s: one 5x5 on the common grid is exact but dearer, so the
+    default fold keeps the branches and says so; max_cost reaches the one conv."""
     block = Branches(conv_bn(4, 4, 3, 1, 1), conv_bn(4, 4, 3, 1, 1, groups=2),
                      nn.Sequential(nn.Conv2d(4, 4, 3, padding=2, dilation=2), nn.BatchNorm2d(4)))
-    folded, report = fold_and_check(block, torch.randn(2, 4, 7, 7))
-    assert "dilation" in reasons(report)
+    x = torch.randn(2, 4, 7, 7)
+    folded, report = fold_and_check(block, x)
+    assert "cost policy" in reasons(report) and n_ops(folded, "conv") > 1
+    folded, report = fold_and_check(block, x, max_cost=2.0)
+    assert n_ops(folded, "conv") == 1
 
 
 def test_per_position_scale_is_not_a_channel_scale():

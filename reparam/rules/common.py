@@ -23,6 +23,7 @@ from .ops import (
     BATCH_NORM,
     CAT,
     CONV,
+    CROP,
     DIV,
     FILLED_PAD,
     IDENTITY,
@@ -30,6 +31,7 @@ from .ops import (
     MUL,
     NEG,
     PAD,
+    PIECE,
     SUB,
 )
 
@@ -46,6 +48,11 @@ identity_as_dirac = law("identity_as_dirac", """
 regroup = law("regroup", """
     branches with groups g1 != g2 => block-diagonal kernels at gcd(g1, g2). Always exact; costs
     multiply-adds, so the cost policy decides.
+""")
+mixed_dilations = law("mixed_dilations", """
+    branches at dilations d1 != d2 (PSConv, dilated branches beside dense ones) => each kernel
+    regridded to dilation gcd(d1, d2), zeros between its taps. Always exact; the kernels grow
+    about d / gcd times per axis, so the cost policy decides (max_cost reaches it).
 """)
 bn_conv = law("bn_conv", """
     BN (or any per-channel affine map) then conv => conv with scaled input channels and the shift
@@ -240,8 +247,9 @@ def _source_name(ctx: Context, lin: Lin) -> str:
     return f"'{node.name}' ({what}, not linear)"
 
 
-def _branch_laws(ctx: Context, kernels: list[Kernel]) -> None:
-    """Require the laws a sum or concat of these kernels takes."""
+def _branch_laws(ctx: Context, kernels: list[Kernel]) -> list[Kernel]:
+    """Require the laws a sum or concat of these kernels takes; the kernels on one dilation grid
+    (regridded where the branches' dilations differ)."""
     convs = [k for k in kernels if not k.is_diagonal]
     if convs and len(convs) < len(kernels):
         ctx.require("identity_as_dirac")
@@ -249,6 +257,13 @@ def _branch_laws(ctx: Context, kernels: list[Kernel]) -> None:
         ctx.require("pad_small_kernel")
     if len({k.groups for k in convs}) > 1:
         ctx.require("regroup")
+    nd = convs[0].nd if convs else 0
+    if any(len({k.dilation[axis] for k in convs if k.kernel_size[axis] > 1}) > 1
+           for axis in range(nd)):
+        ctx.require("mixed_dilations")
+        ctx.require("pad_small_kernel")
+        return _exact(K.on_common_grid, kernels)
+    return kernels
 
 
 def _same_source(ctx: Context, lins: list[Lin]) -> None:
@@ -284,8 +299,8 @@ def parallel_sum(ctx: Context, op: Op) -> Lin | None:
     alpha = op.attrs.get("alpha", 1)
     kb = b.kernel if alpha == 1 and op.kind == "add" else K.scale_out(
         b.kernel, -alpha if op.kind == "sub" else alpha)
-    _branch_laws(ctx, [a.kernel, kb])
-    return ctx.result(_exact(K.add, [a.kernel, kb]), a, b, rule="parallel_sum")
+    kernels = _branch_laws(ctx, [a.kernel, kb])
+    return ctx.result(_exact(K.add, kernels), a, b, rule="parallel_sum")
 
 
 @rule("concat_branches", CAT)
@@ -305,8 +320,7 @@ def concat_branches(ctx: Context, op: Op) -> Lin | None:
         raise NoFold("cat along an axis other than channels")
     lins = [ctx.lin(t, layout) for t in tensors]
     _same_source(ctx, lins)
-    kernels = [lin.kernel for lin in lins]
-    _branch_laws(ctx, kernels)
+    kernels = _branch_laws(ctx, [lin.kernel for lin in lins])
     if any(k.groups > 1 for k in kernels):
         ctx.require("regroup")
     return ctx.result(_exact(K.concat, kernels), *lins, rule="concat_branches")
@@ -390,6 +404,77 @@ def _padded_map(ctx: Context, op: Op, layout, what: str) -> Lin:
         raise NoFold(f"padding the output of {x.kernel.geometry()} adds {what} that a single "
                      "conv on the input would not produce")
     return x
+
+
+def _piece_range(how: str, sections, channels: int, index: int) -> range:
+    """The channels of piece ``index`` of a ``chunk`` (``sections`` pieces, the last smaller) or
+    a ``split`` (pieces of ``sections`` channels, or a list of sizes)."""
+    if how == "chunk":
+        if not isinstance(sections, int) or sections < 1:
+            raise NoFold("the number of chunks is not a constant")
+        size = -(-channels // sections)
+        sizes = [min(size, channels - start) for start in range(0, channels, size)]
+    elif isinstance(sections, int) and sections > 0:
+        sizes = [min(sections, channels - start) for start in range(0, channels, sections)]
+    elif isinstance(sections, (list, tuple)) and all(isinstance(n, int) for n in sections):
+        sizes = list(sections)
+    else:
+        raise NoFold("the split sizes are not constants")
+    if sum(sizes) != channels or not -len(sizes) <= index < len(sizes):
+        raise NoFold("the pieces do not cover the channels")
+    index %= len(sizes)
+    start = sum(sizes[:index])
+    return range(start, start + sizes[index])
+
+
+@rule("channel_pieces", PIECE)
+def channel_pieces(ctx: Context, op: Op) -> Lin:
+    """x.chunk(n, 1)[i] (or a split) of a region's input => a 0/1 channel selection
+    (:func:`reparam.kernel.select`); pieces concatenated in another order are a permutation (a
+    channel shuffle) that the conv after them takes in for free. Always exact. A piece of a
+    folded map's output is not taken (the map stays one conv, its pieces taken after it), and a
+    narrowing selection composed into a conv costs it the unread channels: the cost policy
+    decides."""
+    layout = _rank_layout(ctx, op.inputs[0])
+    shape = ctx.shape(op.inputs[0])
+    a = op.attrs
+    dim = ctx.const(a["dim"])
+    if not isinstance(dim, int) or len(shape) < 2 or dim % len(shape) != 1:
+        raise NoFold("the pieces are taken along an axis other than channels")
+    sections = ctx.const(a["sections"])
+    if isinstance(sections, (list, tuple)):
+        sections = [ctx.const(n) for n in sections]
+    channels = range(shape[1])
+    picked = _piece_range(a["how"], sections, len(channels), a["index"])
+    x = ctx.lin(op.inputs[0], layout)
+    cut = K.select(list(picked), len(channels), layout[0])
+    if x.is_source:
+        return ctx.result(cut, x, rule="channel_pieces")
+    if K.selection_indices(x.kernel) is None:  # one conv per piece: as dear, more ops
+        raise NoFold("it takes a piece of a folded map's output: the map stays whole and its "
+                     "pieces are taken after it")
+    return ctx.result(_exact(K.compose, x.kernel, cut), x, rule="channel_pieces")  # of a piece
+
+
+@rule("spatial_crop", CROP)
+def spatial_crop(ctx: Context, op: Op) -> Lin:
+    """A(x)[..., a:-b] => A'(x): the crop is the identity with a negative padding (:func:`crop`
+    of a 1x1 identity), composed after A and into the conv that reads it. Exact when the crop is
+    symmetric, or its asymmetry ``|a - b|`` is a multiple of the dilation of the taps it shifts;
+    the conv that reads it must not pad a cropped axis (see :func:`reparam.kernel.compose`)."""
+    layout = _rank_layout(ctx, op.inputs[0])
+    amounts = op.attrs["amounts"]
+    if len(amounts) != layout[0]:
+        raise NoFold("the slice does not cover the spatial axes")
+    x = ctx.lin(op.inputs[0], layout)
+    channels = ctx.shape(op.inputs[0])[1]
+    like = x.kernel.weight if not x.is_source else None
+    eye = K.identity(channels, layout[0], dtype=torch.float64,
+                     device=None if like is None else like.device)
+    cut = _exact(K.crop, eye, list(amounts))
+    if x.is_source:
+        return ctx.result(cut, x, rule="spatial_crop")
+    return ctx.result(_exact(K.compose, x.kernel, cut), x, rule="spatial_crop")
 
 
 @rule("filled_pad", FILLED_PAD)

@@ -285,6 +285,67 @@ PAD = (
 """Padding: ``F.pad``, ``nn.ZeroPad*d``, ``nn.ConstantPad*d``, ``nn.ReflectionPad*d``,
 ``nn.ReplicationPad*d``, ``nn.CircularPad*d``, ``aten.pad``, ``aten.constant_pad_nd``."""
 
+def _crop_item(b: dict) -> Op | None:
+    """``x[:, :, a:-b, c:-d]``: whole batch and channel axes, then on each spatial axis a step-1
+    slice from a start ``>= 0`` to the end or to a negative stop (a crop by amounts)."""
+    index = b["index"]
+    if not isinstance(index, tuple) or len(index) < 3 or not all(
+            isinstance(s, slice) and s.step in (None, 1) for s in index):
+        return None
+    if index[0] != slice(None) or index[1] != slice(None):
+        return None
+    amounts = []
+    for s in index[2:]:
+        start, stop = s.start or 0, s.stop
+        if not isinstance(start, int) or start < 0:
+            return None
+        if stop is not None and not (isinstance(stop, int) and stop < 0):
+            return None
+        amounts.append((start, 0 if stop is None else -stop))
+    return Op("crop", (b["input"],), {"amounts": tuple(amounts)})
+
+
+_PIECES = {torch.chunk: "chunk", torch.split: "split", aten.chunk.default: "chunk",
+           aten.split.Tensor: "split", aten.split_with_sizes.default: "split"}
+_PIECE_METHODS = {"chunk": "chunk", "split": "split"}
+
+
+def _piece(b: dict) -> Op | None:
+    """``x.chunk(n, dim)[i]`` or ``x.split(size_or_sizes, dim)[i]`` (methods, functions and
+    their aten forms): piece ``i`` of ``x`` along ``dim``."""
+    parts, index = b["input"], b["index"]
+    if not isinstance(parts, fx.Node) or not isinstance(index, int):
+        return None
+    if parts.op == "call_method":
+        how = _PIECE_METHODS.get(parts.target)
+    elif parts.op == "call_function":
+        how = _PIECES.get(parts.target)
+    else:
+        how = None
+    if how is None:
+        return None
+    args, kw = list(parts.args), dict(parts.kwargs)
+    x = args[0] if args else kw.get("input", kw.get("self"))
+    sections = args[1] if len(args) > 1 else next(
+        (kw[k] for k in ("chunks", "split_size_or_sections", "split_size", "split_sizes")
+         if k in kw), None)
+    dim = args[2] if len(args) > 2 else kw.get("dim", 0)
+    return Op("select", (x,), {"how": how, "sections": sections, "dim": dim, "index": index})
+
+
+PIECE = (
+    Function(operator.getitem, "input, index", kind="select", read=_piece,
+             effect=Effect.LAYOUT),
+)
+"""A piece of a tensor: an item of ``chunk`` or ``split`` (C2f's halves, PSConv's swapped
+halves)."""
+
+CROP = (
+    Function(operator.getitem, "input, index", kind="crop", read=_crop_item,
+             effect=Effect.LAYOUT),
+)
+"""A spatial crop by slicing, ``x[:, :, a:-b, c:-d]`` (ACNet's branches for padding < K//2)."""
+
 FILLED_PAD = (
     Function(pad_filled, "input, pad, fill", kind="filled_pad", effect=Effect.LAYOUT),
 )
