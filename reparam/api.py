@@ -29,6 +29,7 @@ from .errors import CheckError, ReparamError, TraceError
 from .ir import IR
 from .observe import CallerTensorWritten, guarded, observe
 from .pattern import Effect, Recognizer
+from .progress import Callback, reporting, tick
 from .report import Report
 from .rewrite import fold_graph
 from .rules import ALL
@@ -164,7 +165,7 @@ def _params(module: nn.Module) -> int:
 
 def fold(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] = ALL,
          verify: bool = True, check: bool = False, max_cost: float = 1.0,
-         leaf_modules: Sequence[str] = ()) -> nn.Module:
+         leaf_modules: Sequence[str] = (), progress: Callback | None = None) -> nn.Module:
     """Fold every exactly-mergeable linear region of ``model`` into one conv or linear layer.
 
     Returns a new module (a :class:`torch.fx.GraphModule` when the model traces; the input is
@@ -184,12 +185,17 @@ def fold(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] = ALL,
     ``torch.export.export`` of an eval-mode model leaves them): the folded program comes back as
     an ``ExportedProgram`` with the same inputs, outputs and symbolic sizes, folded at the
     program's own example inputs unless ``example_inputs`` are given.
+
+    ``progress`` is called as ``progress(stage, done, total)`` while the fold runs (stages and
+    counts: :mod:`reparam.progress`), for a progress bar on long folds.
     """
+    if progress is not None and not callable(progress):
+        raise ReparamError("progress must be a function progress(stage, done, total), or None")
     if isinstance(model, torch.export.ExportedProgram):
-        with _one_thread(), _no_cyclic_gc(), _clear_errors(model):
+        with _one_thread(), _no_cyclic_gc(), _clear_errors(model), reporting(progress):
             return _fold_program(model, example_inputs, tuple(rules), check, verify, max_cost)
     _validate(model, rules, max_cost, leaf_modules, verify)
-    with _one_thread(), _no_cyclic_gc(), _clear_errors(model):
+    with _one_thread(), _no_cyclic_gc(), _clear_errors(model), reporting(progress):
         return _fold(model, example_inputs, tuple(rules), check, verify, max_cost,
                      tuple(leaf_modules))
 
@@ -449,6 +455,7 @@ def _fold_verified(model: nn.Module, inputs: tuple | None, job: Job) -> Folded:
         done = _fold_module(model, inputs, replace(job, keep=keep), capture)
         if not job.verify or done.reference is None:
             return done
+        tick("verifying")
         got = _run(done.module, done.used, job)
         dtype = _dtype(model)
         err = float("inf") if isinstance(got, Exception) else relative_error(got, done.reference)
@@ -512,6 +519,7 @@ def _fold_module(model: nn.Module, inputs: tuple | None, job: Job, capture: bool
     folded part by part (:func:`_fold_untraceable`)."""
     if id(model) in job.captures:  # captured already (an ExportedProgram's graph)
         return _fold_traced(model, _captured(model, inputs, job), inputs, job, capture)
+    tick("tracing")
     try:
         traced = trace(lambda: light_copy(model), job.leaves, job.recognizer)
     except TraceError as e:
@@ -546,6 +554,7 @@ def _fold_traced(model: nn.Module, traced: Traced, inputs: tuple, job: Job, capt
     root, graph = traced.root, traced.graph
     hooks, leaf_inputs = _capture_leaf_inputs(root, [p for p, _ in traced.untraced])
     job.guard()  # reset a private copy's state before the run
+    tick("running")
     try:
         obs = _seeded(model, lambda: observe(root, inputs, job.protect, graph=graph))
     except ReparamError as e:
@@ -769,8 +778,10 @@ def _fold_tree(module: nn.Module, path: str, calls: Calls, job: Job, report: Rep
     """Fold the children of ``module`` in place: each one its parent called, on what it
     received; inside each container and each module called otherwise (keywords, or not at all
     by the parent itself)."""
-    for name, child in list(module.named_children()):
+    children = list(module.named_children())
+    for i, (name, child) in enumerate(children):
         where = f"{path}.{name}" if path else name
+        tick("parts", i, len(children))
         if not _parameterized(child):
             continue
         args = calls.args.get(where)

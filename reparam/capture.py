@@ -22,6 +22,7 @@ import io
 import logging
 import math
 import operator
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -35,11 +36,13 @@ from torch.utils import _pytree as pytree
 from .errors import GuardError, TraceError
 from .functional import pad_filled
 from .observe import CallerTensorWritten
+from .progress import tick
 from .trace import light_copy
 
 aten = torch.ops.aten
 _DEBUG = False
 _KEPT_META = ("nn_module_stack", "stack_trace")
+_DERIVED = re.compile(r"[0-9a-z_\s*+\-()]+")  # sizes derived by arithmetic on symbols only
 
 
 # --- the guard ------------------------------------------------------------------------------------
@@ -61,6 +64,7 @@ def check_inputs(specs: tuple, guards: tuple[str, ...], names: tuple[str, ...], 
     tensor as ``specs`` says (see :class:`InputSpec`), and each of torch.export's ``guards`` on
     the arguments (Python expressions such as ``L['x'].size()[2] % 2 == 0``) true."""
     symbols: dict[str, int] = {}
+    derived: list[tuple[str, int, int, str]] = []
     for i, (spec, t) in enumerate(zip(specs, tensors, strict=True)):
         dtype, device, sizes = spec
         where = f"input {i}"
@@ -77,6 +81,9 @@ def check_inputs(specs: tuple, guards: tuple[str, ...], names: tuple[str, ...], 
         for axis, (got, want) in enumerate(zip(t.shape, sizes, strict=True)):
             if isinstance(want, int):
                 ok, what = got == want, f"{want}"
+            elif want[0] == "=":
+                derived.append((where, axis, got, want[1]))
+                continue
             else:
                 name, low, high = want
                 seen = symbols.setdefault(name, got)
@@ -87,6 +94,16 @@ def check_inputs(specs: tuple, guards: tuple[str, ...], names: tuple[str, ...], 
                     f"{where} has size {got} on axis {axis}; this part was captured with "
                     f"torch.export for a size {what} there (its code depends on it): fold the "
                     "model again with example_inputs of the size you deploy")
+    for where, axis, got, expr in derived:  # sizes that are a function of the others
+        try:
+            want = eval(expr, {"__builtins__": {}}, dict(symbols))  # noqa: S307 - _DERIVED
+        except NameError:
+            want = None
+        if want != got:
+            raise GuardError(
+                f"{where} has size {got} on axis {axis}; this part was captured with "
+                f"torch.export for a size {expr} there ({want} for the other inputs' sizes): "
+                "run it on inputs whose sizes keep that relation")
     if guards:
         scope = {"L": dict(zip(names, args, strict=False)), **_guard_namespace()}
         for code in guards:
@@ -117,6 +134,7 @@ def capture(module: nn.Module, args: tuple, name: str | None = None):
     guarded as the module docstring says, with symbolic sizes where export allows them (else
     the sizes of ``args``). Raises :class:`TraceError` when it cannot be captured."""
     _check_args(module, args)
+    tick("capturing")
     start = time.perf_counter()
     errors = []
     for dynamic in (True, False):
@@ -238,6 +256,9 @@ def _specs(placeholders: list[fx.Node], ep, dynamic: bool) -> tuple:
             expr = size.node.expr
             if expr.is_number:
                 sizes.append(int(expr))
+                continue
+            if dynamic and not expr.is_Symbol and _DERIVED.fullmatch(str(expr)):
+                sizes.append(("=", str(expr)))  # 4*s90: one feature map 4x another's size
                 continue
             if not dynamic or not expr.is_Symbol:
                 raise TraceError(f"a size of the capture is derived ({expr}): sizes are fixed")

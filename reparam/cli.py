@@ -44,19 +44,38 @@ SPEC_HELP = ("a builder package.module:function called with no arguments (e.g. "
 
 # --- progress ---------------------------------------------------------------------------------
 
+class _Status:
+    """What the fold last reported (see :mod:`reparam.progress`), read by the status line."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if total:
+            filled = round(20 * done / total)
+            self.text = f"{stage} {done}/{total} [{'#' * filled}{'.' * (20 - filled)}]"
+        else:
+            self.text = stage
+
+
 @contextmanager
-def progress(label: str) -> Iterator[None]:
-    """A spinner with the elapsed time on stderr while the block runs (only on a terminal)."""
+def progress(label: str) -> Iterator[_Status]:
+    """A status line on stderr while the block runs (only on a terminal): a spinner, the
+    elapsed time, and the stage the fold reports, with a bar over its regions or parts (pass
+    the yielded object as ``fold(..., progress=...)``)."""
+    status = _Status()
     stream = sys.stderr
     if not stream.isatty():
-        yield
+        yield status
         return
     done = threading.Event()
     start = time.perf_counter()
 
     def spin() -> None:
         for mark in itertools.cycle("|/-\\"):
-            stream.write(f"\r{mark} {label} ({time.perf_counter() - start:.1f} s)")
+            stage = f": {status.text}" if status.text else ""
+            line = f"{mark} {label}{stage} ({time.perf_counter() - start:.1f} s)"
+            stream.write(f"\r\033[K{line[:200]}")
             stream.flush()
             if done.wait(0.1):
                 break
@@ -66,7 +85,7 @@ def progress(label: str) -> Iterator[None]:
     thread = threading.Thread(target=spin, daemon=True)
     thread.start()
     try:
-        yield
+        yield status
     finally:
         done.set()
         thread.join()
@@ -179,13 +198,13 @@ def guessed_inputs(folded: nn.Module) -> tuple | None:
 
 
 def fold_and_measure(model: nn.Module, args: argparse.Namespace, *, check: bool = False,
-                     measure: bool = True) -> tuple[nn.Module, Report, tuple | None]:
+                     measure: bool = True, status=None) -> tuple[nn.Module, Report, tuple | None]:
     """``reparam.fold`` with the command line's options; returns the folded model, its report
     and the inputs used (the given shapes, else the ones ``fold`` guessed). With ``measure``,
     the max error on those inputs is set on the report, as ``explain`` does."""
     inputs = make_inputs(model, args.input_shape)
     folded = fold(model, inputs, rules=RULE_SETS[args.rules], max_cost=args.max_cost,
-                  check=check)
+                  check=check, progress=status)
     report = folded.reparam_report
     inputs = inputs if inputs is not None else guessed_inputs(folded)
     if measure and inputs is not None:
@@ -260,8 +279,8 @@ def cmd_fold(args: argparse.Namespace) -> int:
     suffix = format_of(out)
     model = _load(args)
     start = time.perf_counter()
-    with progress("tracing, folding" + (" and checking in float64" if args.check else "")):
-        folded, report, inputs = fold_and_measure(model, args, check=args.check)
+    with progress("folding" + (" and checking in float64" if args.check else "")) as status:
+        folded, report, inputs = fold_and_measure(model, args, check=args.check, status=status)
     wall = time.perf_counter() - start
     with progress(f"saving {out}"):
         save(folded, out, inputs)
@@ -328,8 +347,8 @@ def print_report(report: Report) -> None:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     model = _load(args)
-    with progress("tracing and folding"):
-        _, report, _ = fold_and_measure(model, args)
+    with progress("folding") as status:
+        _, report, _ = fold_and_measure(model, args, status=status)
     print_report(report)
     return 0
 

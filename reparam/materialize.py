@@ -25,6 +25,7 @@ from .kernel import Kernel, nonnegative_padding, regroup
 from .nodes import is_rank_query, is_shape_query, shape_of
 from .pattern import Effect
 from .policies import trivial
+from .progress import tick
 from .report import Region
 from .values import Lin, View, source_node, source_shape
 
@@ -113,7 +114,9 @@ class Materializer:
         made: list[Made] = []
         done: dict[fx.Node, fx.Node] = {}  # region end -> the node that now computes it
         replaced_by: dict[fx.Node, fx.Node] = {}  # a removed node -> a node of its shape
-        for b in [n for n in graph.nodes if n in a.boundaries]:
+        ends = [n for n in graph.nodes if n in a.boundaries]
+        for i, b in enumerate(ends):
+            tick("regions", i, len(ends))
             value = a.values.get(b)
             if not isinstance(value, Lin):
                 continue

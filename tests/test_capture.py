@@ -121,3 +121,30 @@ def test_a_chunk_list_traces_with_torch_fx():
     assert not report.captured and not report.untraced  # torch.fx followed it
     assert not reparam.count_ops(folded).get("batch_norm")
     assert rel_err(folded(x), model(x)) < 1e-5
+
+
+class TwoScales(nn.Module):
+    """A head over two feature maps, the second twice the size of the first (an FPN's levels),
+    with a slice assignment (so torch.fx stops): torch.export writes the second size as 2*s."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.square = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3))
+        self.point = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+
+    def forward(self, small, big):
+        y = self.square(big) + self.point(big) + F.interpolate(small, scale_factor=2.0)
+        y[:, :, 0, 0] = 0.0
+        return y
+
+
+def test_a_size_derived_from_another_stays_symbolic():
+    model = randomize_bn(TwoScales())
+    folded = reparam.fold(model, (torch.randn(1, 3, 5, 5), torch.randn(1, 3, 10, 10)))
+    assert "symbolic" in folded.reparam_report.captured[0][1]
+    for side in (4, 7):
+        args = (torch.randn(2, 3, side, side), torch.randn(2, 3, 2 * side, 2 * side))
+        with torch.no_grad():
+            assert rel_err(folded(*args), model(*args)) < 1e-5
+    with pytest.raises(reparam.GuardError):
+        folded(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 9, 9))
