@@ -82,7 +82,7 @@ class Report:
     verified_error: float | None = None  # folded vs original on the example inputs (verify)
     notes: list[str] = field(default_factory=list)  # what else a user should know
     # sums and concats of tensors that are not one linear map of one input (a ResNet's
-    # residuals): joins of the network, not leftovers
+    # residuals), products of two computed tensors (SE gates): joins of the network, not leftovers
     joins: list[Leftover] = field(default_factory=list)
     # (path, how) of each part torch.fx could not trace that was captured with torch.export
     captured: list[tuple[str, str]] = field(default_factory=list)

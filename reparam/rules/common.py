@@ -205,7 +205,8 @@ def scale_shift(ctx: Context, op: Op) -> Lin | None:
     if const_first == const_second:
         if op.kind in ("mul", "div") and not const_first:
             raise NoFold(f"'{first}' {op.kind} '{second}': both operands are computed from the "
-                         "input (a gate or attention), so the product is not linear")
+                         "input (a gate or attention), so the product is not linear",
+                         join=True)  # where two of the network's tensors meet, as a residual
         return None
     tensor = second if const_first else first
     if ctx.shape(tensor) is None or ctx.shape(tensor) != ctx.shape(ctx.node):
