@@ -493,3 +493,23 @@ def test_augmented_assignment_in_a_helper_is_not_a_silent_wrong_model():
         assert "eager" in str(e)
         return
     torch.testing.assert_close(folded(x), model(x), rtol=1e-9, atol=1e-12)
+
+
+class NoisyConv(nn.Module):
+    """A conv of ``rand_like(x) * x`` (found by the long fuzz run, 2026-12-01)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(1, 1, 1, 1, dtype=F64))
+        self.b = nn.Parameter(torch.randn(1, dtype=F64))
+
+    def forward(self, x):
+        return F.conv2d(torch.rand_like(x) * x, self.w, self.b)
+
+
+def test_check_compares_random_models_under_one_seed():
+    """check=True ran the float64 fold and the original with different random numbers, so a
+    model that draws them failed its check (CheckError, relative error 0.67)."""
+    model = NoisyConv().eval()
+    folded = reparam.fold(model, (torch.randn(2, 1, 5, 5, dtype=F64),), check=True)
+    assert folded.reparam_report.joins  # the noise times x: where two tensors meet
