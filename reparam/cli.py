@@ -108,6 +108,11 @@ def load_model(spec: str, *, seed: int = 0, eval_mode: bool = False, trust_pickl
     path = Path(spec)
     if path.exists():
         model = read_model(path, trust_pickle=trust_pickle, warn=warn)
+        if isinstance(model, torch.export.ExportedProgram):
+            if weights is not None:
+                raise ReparamError(f"{spec} is a torch.export program, which holds its weights: "
+                                   "--weights is for a builder")
+            return model  # exported from an eval-mode model, or its BNs are in the graph as such
         if eval_mode:
             model.eval()
     elif spec.startswith("timm:"):
@@ -188,7 +193,11 @@ def make_inputs(model: nn.Module, shapes: Sequence[tuple[int, ...]] | None) -> t
 
 
 def guessed_inputs(folded: nn.Module) -> tuple | None:
-    """Random inputs of the shapes ``fold`` guessed (recorded on the folded graph's inputs)."""
+    """Random inputs of the shapes ``fold`` guessed (recorded on the folded graph's inputs; a
+    folded program's own example inputs)."""
+    if isinstance(folded, torch.export.ExportedProgram):
+        examples = getattr(folded, "example_inputs", None)
+        return tuple(examples[0]) if examples else None
     if not isinstance(folded, fx.GraphModule):
         return None
     shapes = [(shape_of(n), dtype_of(n)) for n in folded.graph.nodes if n.op == "placeholder"]
@@ -202,14 +211,19 @@ def fold_and_measure(model: nn.Module, args: argparse.Namespace, *, check: bool 
     """``reparam.fold`` with the command line's options; returns the folded model, its report
     and the inputs used (the given shapes, else the ones ``fold`` guessed). With ``measure``,
     the max error on those inputs is set on the report, as ``explain`` does."""
-    inputs = make_inputs(model, args.input_shape)
+    inputs = make_inputs(_as_module(model), args.input_shape)
     folded = fold(model, inputs, rules=RULE_SETS[args.rules], max_cost=args.max_cost,
                   check=check, progress=status)
     report = folded.reparam_report
     inputs = inputs if inputs is not None else guessed_inputs(folded)
     if measure and inputs is not None:
-        report.max_error = max_error(model, folded, inputs)
+        report.max_error = max_error(_as_module(model), _as_module(folded), inputs)
     return folded, report, inputs
+
+
+def _as_module(model):
+    """The module that runs a model: an ExportedProgram's ``module()``, a module itself."""
+    return model.module() if isinstance(model, torch.export.ExportedProgram) else model
 
 
 def _macs(model: nn.Module, folded: nn.Module, inputs: tuple | None) -> str | None:
@@ -217,7 +231,8 @@ def _macs(model: nn.Module, folded: nn.Module, inputs: tuple | None) -> str | No
     if inputs is None:
         return None
     try:
-        before, after = count_macs(model, inputs), count_macs(folded, inputs)
+        before = count_macs(_as_module(model), inputs)
+        after = count_macs(_as_module(folded), inputs)
     except ReparamError:
         return None
     change = f" ({after / before - 1:+.1%})" if before else ""
@@ -236,6 +251,8 @@ def _shapes(inputs: tuple | None) -> str:
 
 def _input_source(model: nn.Module) -> str:
     """Where an input shape nobody gave came from (as ``reparam.trace.guess_inputs`` picks)."""
+    if isinstance(model, torch.export.ExportedProgram):
+        return "the program's example inputs"
     if getattr(model, "default_input_size", None):
         return "the model's default_input_size"
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
@@ -254,7 +271,7 @@ def _size(path: Path) -> str:
 
 
 def _dtype(module: nn.Module) -> str:
-    param = next(iter(module.parameters()), None)
+    param = next(iter(_as_module(module).parameters()), None)
     return str(param.dtype).removeprefix("torch.") if param is not None else "float32"
 
 
@@ -358,6 +375,9 @@ def cmd_draw(args: argparse.Namespace) -> int:
 
     out = _output(args.output)
     model = _load(args)
+    if isinstance(model, torch.export.ExportedProgram):
+        raise ReparamError(f"{args.spec} is a torch.export program: draw takes a module (its "
+                           "builder); reparam fold and explain take the program")
     with progress("tracing and folding"):
         inputs = make_inputs(model, args.input_shape)
         path = args.block

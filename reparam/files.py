@@ -193,10 +193,12 @@ _NOT_A_MODULE = {  # what a file of each kind is, and what to do instead
 
 
 def read_model(path: Path, *, trust_pickle: bool = False,
-               warn: Callable[[str], None] = lambda message: None) -> nn.Module:
+               warn: Callable[[str], None] = lambda message: None
+               ) -> nn.Module | torch.export.ExportedProgram:
     """The module saved in ``path``. A pickled module (``torch.save(model)``) is loaded only with
-    ``trust_pickle``, after ``warn`` is told; a torch.export program is loaded only when nothing
-    in it is pickled code (or with ``trust_pickle``)."""
+    ``trust_pickle``, after ``warn`` is told; a torch.export program (returned as the
+    ``ExportedProgram``, which ``fold`` takes) only when nothing in it is pickled code (or with
+    ``trust_pickle``)."""
     _check_path(path)
     found = file_kind(path)
     if found.kind == "pt2":
@@ -228,7 +230,7 @@ def read_model(path: Path, *, trust_pickle: bool = False,
 
 
 def _read_program(path: Path, code: tuple[str, ...], trust_pickle: bool,
-                  warn: Callable[[str], None]) -> nn.Module:
+                  warn: Callable[[str], None]) -> torch.export.ExportedProgram:
     if code and not trust_pickle:
         raise _untrusted(path, code, "a torch.export program with pickled parts")
     if code:
@@ -238,11 +240,7 @@ def _read_program(path: Path, code: tuple[str, ...], trust_pickle: bool,
     except Exception as e:  # noqa: BLE001 - the deserializer fails in many internal ways
         raise ReparamError(f"{path} could not be read as a torch.export program (written by "
                            "another torch version, or damaged): export it again") from e
-    raise ReparamError(
-        f"{path} is a torch.export program ({len(program.graph.nodes)} nodes): the command line "
-        "folds modules; in Python, reparam.fold(torch.export.load(path)) returns the folded "
-        "program, or fold the model it was exported from here (its builder, with --weights) "
-        "and write the result with -o OUT.pt2")
+    return program
 
 
 # --- weights ----------------------------------------------------------------------------------

@@ -355,7 +355,6 @@ def test_bad_files_get_one_line_errors_without_internals(in_process, tmp_path, s
         ("folder",): "folder is a folder, not a saved model",
         ("state.pt",): "state.pt holds a state_dict (weights, no model): give the model's "
                        "builder as SPEC and a state_dict as --weights",
-        ("program.pt2",): "program.pt2 is a torch.export program",
         ("truncated.pt2",): "truncated.pt2 is a damaged or truncated zip archive",
         ("scripted.ts",): "scripted.ts is a TorchScript module",
         ("model.onnx",): "model.onnx is an ONNX model",
@@ -413,3 +412,28 @@ def test_explain_draws_a_rich_table_on_a_terminal(in_process, safe_tiny, monkeyp
     assert status == 0 and "┃" not in plain
     header = next(line for line in plain.splitlines() if line.startswith("module"))
     assert header.split() == ["module", "folded", "nodes", "params", "MACs", "rules"]
+
+
+def test_fold_reads_a_torch_export_program_and_writes_one(in_process, tmp_path):
+    """A .pt2 in, the folded program out (same signature), outputs within 1e-5; draw says it
+    takes a module."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    x = torch.randn(1, 2, 8, 8)
+    torch.export.save(torch.export.export(model, (x,)), tmp_path / "program.pt2")
+    out = tmp_path / "folded.pt2"
+    status, text, err = in_process("fold", str(tmp_path / "program.pt2"), "-o", str(out))
+    assert status == 0, err
+    assert "folded" in text and "batch_norm 1 -> 0" in text and "the program's example" in text
+    loaded = torch.export.load(out)
+    assert not [n for n in loaded.graph.nodes if "batch_norm" in str(n.target)]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module()(x), model(x), rtol=1e-5, atol=1e-5)
+    status, _, err = in_process("draw", str(tmp_path / "program.pt2"), "-o",
+                                str(tmp_path / "x.html"))
+    assert status == 1
+    one_line_error(err, "program.pt2 is a torch.export program: draw takes a module")
