@@ -592,6 +592,8 @@ def _units(root: nn.Module, failed: list[str]) -> list[str]:
     with the block's own (DBB's BN-and-pad with its conv); the leaf itself when that parent is
     the root (the root is then captured whole) or a container of blocks (a stage of a
     network: its export would cost as much as the network's)."""
+    if any("." not in p for p in failed):
+        return failed
     units = []
     for path in failed:
         parent = path.rpartition(".")[0]
@@ -599,7 +601,7 @@ def _units(root: nn.Module, failed: list[str]) -> list[str]:
             path = parent
         if path not in units and not any(path.startswith(u + ".") for u in units):
             units = [u for u in units if not u.startswith(path + ".")] + [path]
-    return failed if any("." not in p for p in failed) else units
+    return units
 
 
 def _holds(path: str, failed: list[str], why: dict[str, str]) -> str:
@@ -769,9 +771,7 @@ def _fold_children(model: nn.Module, root: nn.Module, inputs, job: Job, why: str
     _fold_tree(root, "", calls, job, report, swaps)
     if job.verify and inputs is not None and swaps:
         reference = _eager(model, inputs, job)
-        _put_back_breaking(root, swaps, inputs, reference, job, report, _dtype(model))
-        got = _run(root, inputs, job)
-        err = float("inf") if isinstance(got, Exception) else relative_error(got, reference)
+        err = _put_back_breaking(root, swaps, inputs, reference, job, report, _dtype(model))
         if err <= tolerance(SCREEN, _dtype(model)):
             report.verified_error = err
         else:  # every part is its original again: the copy itself differs (state, chaos)
@@ -804,17 +804,20 @@ def _fold_tree(module: nn.Module, path: str, calls: Calls, job: Job, report: Rep
 
 
 def _put_back_breaking(root: nn.Module, swaps, inputs, reference, job: Job, report: Report,
-                       dtype: torch.dtype) -> None:
+                       dtype: torch.dtype) -> float:
     """Put back the original part wherever the folded one makes the root fail or differ; a
     container put back that way (an ``nn.Sequential`` the root also iterates or indexes) is then
-    folded item by item, so that it stays what it was."""
+    folded item by item, so that it stays what it was. Returns the root's error at its last
+    run (``inf`` where it raised)."""
+    last = [float("inf")]
+
     def ok() -> bool:
         got = _run(root, inputs, job)
-        return not isinstance(got, Exception) and relative_error(got, reference) <= tolerance(
-            SCREEN, dtype)
+        last[0] = float("inf") if isinstance(got, Exception) else relative_error(got, reference)
+        return last[0] <= tolerance(SCREEN, dtype)
 
     if ok():
-        return
+        return last[0]
     for holder, key, original, where in swaps:
         holder._modules[key] = original
         report.regions = [r for r in report.regions if not r.name.startswith(f"{where}.")]
@@ -834,9 +837,10 @@ def _put_back_breaking(root: nn.Module, swaps, inputs, reference, job: Job, repo
             report.untraced.append((where, "its folded form changed what its parent computes "
                                            "(the parent may read its attributes): kept as it was"))
         if ok():
-            return
+            return last[0]
     for holder, key, original, _ in swaps:  # pragma: no cover - every part put back
         holder._modules[key] = original
+    return last[0]
 
 
 def _fold_child(child: nn.Module, args, job: Job, report: Report, path: str

@@ -37,7 +37,7 @@ from .errors import GuardError, TraceError
 from .functional import pad_filled
 from .observe import CallerTensorWritten
 from .progress import tick
-from .trace import light_copy
+from .trace import clone_inputs, light_copy
 
 aten = torch.ops.aten
 _DEBUG = False
@@ -336,16 +336,11 @@ def _check_faithful(module: nn.Module, root: nn.Module, graph: fx.Graph, args: t
     from .verify import relative_error
 
     with torch.no_grad():
-        want = light_copy(module)(*_clone(args))
-        got = fx.Interpreter(root, graph=graph).run(*_clone(args))
+        want = light_copy(module)(*clone_inputs(args))
+        got = fx.Interpreter(root, graph=graph).run(*clone_inputs(args))
     dtype = next((t.dtype for t in pytree.tree_leaves(args)), torch.float32)
     if relative_error(got, want) > (1e-9 if dtype == torch.float64 else 1e-5):
         raise TraceError("the captured graph does not compute what forward computes")
-
-
-def _clone(args: tuple) -> tuple:
-    return pytree.tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t,
-                           args)
 
 
 # --- functional idioms the capture writes -----------------------------------------------------

@@ -86,28 +86,26 @@ def save(model: nn.Module | torch.export.ExportedProgram, path: str | Path,
     ``fold`` returns for one) is written as it is to ``.pt2``, and as its module to ``.onnx``
     and ``.safetensors``.
     """
-    path = Path(path)
-    if isinstance(model, torch.export.ExportedProgram):  # what fold(program) returns
-        if format_of(path) == ".pt2":
-            if not path.parent.is_dir():
-                raise ReparamError(f"cannot write {path}: the folder {path.parent} does not exist")
-            torch.export.save(model, path)
-            return path
-        if format_of(path) in (".pt", ".pth", ".ts"):
-            raise ReparamError(f"cannot write {path}: an ExportedProgram is written as .pt2 "
-                               "(torch.export.save), .onnx or .safetensors; for .pt or .ts, "
-                               "fold the model it was exported from")
-        if example_inputs is None and getattr(model, "example_inputs", None):
-            example_inputs = tuple(model.example_inputs[0])
-        model = model.module()
-    if not isinstance(model, nn.Module):
+    if not isinstance(model, (nn.Module, torch.export.ExportedProgram)):
         raise ReparamError(f"save expects a torch.nn.Module or a torch.export.ExportedProgram, "
                            f"got {type(model).__name__}")
+    path = Path(path)
     suffix = format_of(path)
     if not path.parent.is_dir():
         raise ReparamError(f"cannot write {path}: the folder {path.parent} does not exist")
+    program = model if isinstance(model, torch.export.ExportedProgram) else None
+    if program is not None and suffix != ".pt2":  # what fold(program) returns, as its module
+        if suffix in (".pt", ".pth", ".ts"):
+            raise ReparamError(f"cannot write {path}: an ExportedProgram is written as .pt2 "
+                               "(torch.export.save), .onnx or .safetensors; for .pt or .ts, "
+                               "fold the model it was exported from")
+        if example_inputs is None and getattr(program, "example_inputs", None):
+            example_inputs = tuple(program.example_inputs[0])
+        model, program = program.module(), None
     try:
-        if suffix in (".pt", ".pth"):
+        if program is not None:
+            torch.export.save(program, path)
+        elif suffix in (".pt", ".pth"):
             torch.save(model, path)
         elif suffix == ".safetensors":
             _save_safetensors(model, path)

@@ -70,3 +70,32 @@ def what(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     if node.op in ("call_function", "call_method"):
         return getattr(node.target, "__name__", str(node.target))
     return node.op
+
+
+_PIECE_FUNCTIONS = {torch.chunk: "chunk", torch.split: "split",
+                    torch.ops.aten.chunk.default: "chunk", torch.ops.aten.split.Tensor: "split",
+                    torch.ops.aten.split_with_sizes.default: "split"}
+_PIECE_METHODS = {"chunk": "chunk", "split": "split"}
+
+
+def pieces_call(node: Any) -> tuple[str, Any, Any, Any] | None:
+    """``(how, input, sections, dim)`` when ``node`` cuts a tensor into pieces: ``chunk``
+    (``sections`` pieces) or ``split`` (pieces of ``sections`` elements, or a list of sizes), as
+    a method, a torch function or its aten form; else ``None``."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_method":
+        how = _PIECE_METHODS.get(node.target)
+    elif node.op == "call_function":
+        how = _PIECE_FUNCTIONS.get(node.target)
+    else:
+        how = None
+    if how is None:
+        return None
+    args, kw = list(node.args), dict(node.kwargs)
+    x = args[0] if args else kw.get("input", kw.get("self"))
+    sections = args[1] if len(args) > 1 else next(
+        (kw[k] for k in ("chunks", "split_size_or_sections", "split_size", "split_sizes")
+         if k in kw), None)
+    dim = args[2] if len(args) > 2 else kw.get("dim", 0)
+    return how, x, sections, dim

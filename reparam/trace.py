@@ -23,6 +23,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_map
 
 from .errors import ReparamError, TraceError
+from .nodes import pieces_call
 from .observe import observe
 
 
@@ -193,17 +194,14 @@ class _Parts(fx.Proxy):
 
 def _parts(node: fx.Node) -> int | None:
     """How many tensors a ``chunk`` or ``split`` by sizes returns, when the call says."""
-    args = list(node.args) + [None, None]
-    if (node.op == "call_method" and node.target == "chunk") or (
-            node.op == "call_function" and node.target is torch.chunk):
-        chunks = node.kwargs.get("chunks", args[1])
-        return chunks if isinstance(chunks, int) and chunks > 0 else None
-    if (node.op == "call_method" and node.target == "split") or (
-            node.op == "call_function" and node.target is torch.split):
-        sizes = node.kwargs.get("split_size", node.kwargs.get("split_size_or_sections", args[1]))
-        return len(sizes) if isinstance(sizes, (list, tuple)) and all(
-            isinstance(v, int) for v in sizes) else None
-    return None
+    call = pieces_call(node)
+    if call is None:
+        return None
+    how, _, sections, _ = call
+    if how == "chunk":
+        return sections if isinstance(sections, int) and sections > 0 else None
+    return len(sections) if isinstance(sections, (list, tuple)) and all(
+        isinstance(v, int) for v in sections) else None
 
 
 @dataclass

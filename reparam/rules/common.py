@@ -445,10 +445,9 @@ def channel_pieces(ctx: Context, op: Op) -> Lin:
     sections = ctx.const(a["sections"])
     if isinstance(sections, (list, tuple)):
         sections = [ctx.const(n) for n in sections]
-    channels = range(shape[1])
-    picked = _piece_range(a["how"], sections, len(channels), a["index"])
+    picked = _piece_range(a["how"], sections, shape[1], a["index"])
     x = ctx.lin(op.inputs[0], layout)
-    cut = K.select(list(picked), len(channels), layout[0])
+    cut = K.select(list(picked), shape[1], layout[0])
     if x.is_source:
         return ctx.result(cut, x, rule="channel_pieces")
     if K.selection_indices(x.kernel) is None:  # one conv per piece: as dear, more ops

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..functional import pad_filled
-from ..nodes import shape_of
+from ..nodes import pieces_call, shape_of
 from ..pattern import Aten, Effect, Function, Method, Module, Op, per_sample
 
 aten = torch.ops.aten
@@ -305,31 +305,13 @@ def _crop_item(b: dict) -> Op | None:
     return Op("crop", (b["input"],), {"amounts": tuple(amounts)})
 
 
-_PIECES = {torch.chunk: "chunk", torch.split: "split", aten.chunk.default: "chunk",
-           aten.split.Tensor: "split", aten.split_with_sizes.default: "split"}
-_PIECE_METHODS = {"chunk": "chunk", "split": "split"}
-
-
 def _piece(b: dict) -> Op | None:
     """``x.chunk(n, dim)[i]`` or ``x.split(size_or_sizes, dim)[i]`` (methods, functions and
     their aten forms): piece ``i`` of ``x`` along ``dim``."""
-    parts, index = b["input"], b["index"]
-    if not isinstance(parts, fx.Node) or not isinstance(index, int):
+    call, index = pieces_call(b["input"]), b["index"]
+    if call is None or not isinstance(index, int):
         return None
-    if parts.op == "call_method":
-        how = _PIECE_METHODS.get(parts.target)
-    elif parts.op == "call_function":
-        how = _PIECES.get(parts.target)
-    else:
-        how = None
-    if how is None:
-        return None
-    args, kw = list(parts.args), dict(parts.kwargs)
-    x = args[0] if args else kw.get("input", kw.get("self"))
-    sections = args[1] if len(args) > 1 else next(
-        (kw[k] for k in ("chunks", "split_size_or_sections", "split_size", "split_sizes")
-         if k in kw), None)
-    dim = args[2] if len(args) > 2 else kw.get("dim", 0)
+    how, x, sections, dim = call
     return Op("select", (x,), {"how": how, "sections": sections, "dim": dim, "index": index})
 
 
