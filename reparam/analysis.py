@@ -37,7 +37,7 @@ def release(value: Lin) -> Lin:
     """The same value with its kernel's tensors on the meta device: geometry only, no memory."""
     k = value.kernel
     meta = replace(k, weight=k.weight.to("meta"), bias=k.bias.to("meta"))
-    return Lin(value.source, meta, value.nodes, value.rules, value.biased)
+    return replace(value, kernel=meta)
 
 
 class Analysis:
@@ -248,7 +248,7 @@ def _cast(node: fx.Node, value: Lin) -> Lin:
     if k.weight.dtype == dtype:
         return value
     cast = replace(k, weight=k.weight.to(dtype), bias=k.bias.to(dtype))
-    return Lin(value.source, cast, value.nodes, value.rules, value.biased)
+    return replace(value, kernel=cast)
 
 
 def _same(old: Value | None, new: Value) -> bool:

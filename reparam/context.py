@@ -69,9 +69,17 @@ class Context:
         if not isinstance(arg, fx.Node):
             return Const(arg)
         value = self._values.get(arg, OPAQUE)
-        if isinstance(value, Lin) and (self.cut or arg in self._barriers):
-            return OPAQUE
+        if isinstance(value, Lin) and (self.cut or arg in self._barriers
+                                       or value.reshaped is not None):
+            return OPAQUE  # a flat value is opaque to every rule but those that ask for it
         return value
+
+    def flat(self, arg: Any) -> Lin | None:
+        """``arg``'s value if it is flat (see :class:`~reparam.values.Lin`), else ``None``."""
+        if not isinstance(arg, fx.Node) or self.cut or arg in self._barriers:
+            return None
+        value = self._values.get(arg)
+        return value if isinstance(value, Lin) and value.reshaped is not None else None
 
     def is_const(self, arg: Any) -> bool:
         return isinstance(self.value(arg), Const)
@@ -141,6 +149,10 @@ class Context:
         ident = K.identity(channels, nd, channels_last, device=self.device)
         return Lin(arg, ident, frozenset())
 
+    def position(self, node: fx.Node) -> int:
+        """Where ``node`` is in the graph (earlier nodes have smaller positions)."""
+        return self._position(node)
+
     def what(self, node: Any) -> str:
         """What a node computes, in a word (its module's class or its function's name)."""
         node = node.base if isinstance(node, View) else node
@@ -197,11 +209,12 @@ class Context:
 
     # --- result ----------------------------------------------------------------------------
     def result(self, kernel: K.Kernel, *inputs: Lin, rule: str, biased: bool = False,
-               through: bool = False) -> Lin:
+               through: bool = False, reshaped: fx.Node | None = None) -> Lin:
         """The node's value: ``kernel`` of the inputs' common source, covering their ops and this
         node. ``biased``: this op adds a bias. ``through``: this op moves elements (a layout
         op a per-channel map commutes with): the value's source becomes the view of the source
-        through this op (see :class:`~reparam.values.View`)."""
+        through this op (see :class:`~reparam.values.View`). ``reshaped``: the value is flat,
+        ``kernel(source)`` reshaped as that node reshapes."""
         source: Source = inputs[0].source
         if any(i.source != source for i in inputs):
             raise NoFold("branches read different inputs")
@@ -215,4 +228,5 @@ class Context:
             source = View(base, (*chain, self.node))
         nodes = frozenset().union(*(i.nodes for i in inputs)) | {self.node}
         rules = merge_rules(*(i.rules for i in inputs), [rule], self.used)
-        return Lin(source, kernel, nodes, rules, biased or any(i.biased for i in inputs))
+        return Lin(source, kernel, nodes, rules, biased or any(i.biased for i in inputs),
+                   reshaped)

@@ -25,6 +25,10 @@ def kernel_cost(node: fx.Node, value: Lin) -> int:
         shape = source_shape(value.source)
         elements = math.prod(shape[1:]) if shape is not None and len(shape) > 1 else 0
         return k.macs(elements // max(k.in_channels, 1))
+    if value.reshaped is not None:  # a flat value: per sample of its source, as its ops count
+        shape = source_shape(value.source)
+        made = output_shape(k, shape) if shape is not None else None
+        return k.macs(math.prod(made[2:])) if made is not None else 0
     positions = per_sample(node) // max(k.out_channels, 1)
     if k.nd == 0:  # nn.Linear has no groups: it costs the dense product
         return k.in_channels * k.out_channels * positions

@@ -19,10 +19,11 @@ from torch import fx, nn
 
 from .analysis import Analysis, spent
 from .context import is_identity
-from .cost import kernel_cost, ops_cost
+from .cost import kernel_cost, ops_cost, output_shape
 from .ir import IR
 from .kernel import Kernel, nonnegative_padding, regroup
-from .nodes import is_rank_query, is_shape_query, shape_of
+from .nodes import dtype_of, is_rank_query, is_shape_query, shape_of
+from .observe import TensorMeta
 from .pattern import Effect
 from .policies import trivial
 from .progress import tick
@@ -157,7 +158,8 @@ class Materializer:
             writer = ir.obs.first_writer.get(view.base)
             if writer is not None and ir.position(writer) < ir.position(b):
                 return None  # the view is made before the region ends: its base must hold
-        main = max(value.nodes, key=lambda n: (ir.entries[n].macs, -ir.position(n)))
+        merged = value.nodes - set(view.chain) if view is not None else value.nodes
+        main = max(merged or value.nodes, key=lambda n: (ir.entries[n].macs, -ir.position(n)))
         if value.kernel.is_diagonal and not value.kernel.transposed and value.kernel.nd and all(
                 ir.entries[n].effect is not Effect.MAP for n in value.nodes):
             module = to_affine(value.kernel, value.kernel.weight.dtype)
@@ -179,18 +181,23 @@ class Materializer:
         with where:
             new = graph.call_module(_TEMP, (source,))  # named once every region is known
         new.meta = dict(b.meta)
-        b.replace_all_uses_with(new)
-        done[b] = new
+        out = new
+        if value.reshaped is not None:  # a flat value: the module's output, reshaped
+            made = output_shape(value.kernel, source_shape(value.source))
+            new.meta["tensor_meta"] = TensorMeta(torch.Size(made), dtype_of(b))
+            out = self._reshape(value.reshaped, new, b)
+        b.replace_all_uses_with(out)
+        done[b] = out
         for n in value.nodes:
             if n not in replaced_by and shape_of(n) == source_shape(value.source):
                 replaced_by[n] = source
             elif n not in replaced_by and shape_of(n) == shape_of(b):
-                replaced_by[n] = new
+                replaced_by[n] = out
         for n in value.nodes:  # a rank query needs a node of the same rank only
             rank_of = shape_of(n)
             if n not in replaced_by and rank_of is not None:
                 replaced_by.setdefault(("rank", n), source if len(rank_of) == len(
-                    source_shape(value.source) or ()) else new)
+                    source_shape(value.source) or ()) else out)
         region = Region(
             _TEMP, tuple(n.name for n in nodes), value.rules,
             f"x*w+b({module.weight.numel()})" if isinstance(module, ChannelAffine)
@@ -227,6 +234,15 @@ class Materializer:
             if n not in replaced_by and shape_of(n) == shape_of(base):
                 replaced_by[n] = base
         return prev
+
+    def _reshape(self, reshape: fx.Node, data: fx.Node, b: fx.Node) -> fx.Node:
+        """The op of ``reshape`` made anew on ``data``, just before the region's end ``b`` (its
+        sizes, constants or shape queries, are all computed by then)."""
+        old = self.ir.entries[reshape].op.inputs[0]
+        with self.graph.inserting_before(b):
+            made = self.graph.node_copy(reshape, lambda a: data if a is old else a)
+        made.meta = dict(b.meta)
+        return made
 
     def _latest(self, nodes: list[fx.Node]) -> fx.Node:
         """The one of ``nodes`` that comes last in the graph (a view's op goes right after)."""

@@ -21,6 +21,7 @@ until none decides anything:
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,6 +78,8 @@ def trivial(ir: IR, value: Lin) -> bool:
     chain = set(value.source.chain) if isinstance(value.source, View) else set()
     real = [n for n in value.nodes
             if ir.entries[n].effect is not Effect.IDENTITY and n not in chain]
+    if value.reshaped is not None:  # a flat value's reshapes are made anew, not merged
+        real = [n for n in real if ir.entries[n].effect is not Effect.LAYOUT]
     if all(ir.entries[n].effect is not Effect.MAP and not ir.entries[n].params for n in real):
         return True  # arithmetic with constants only (``x * 2 - 0.5``): nothing to take in
     return len(real) < 2 and not any(ir.entries[n].computed for n in real)
@@ -249,7 +252,13 @@ def wrong_shape(state: State) -> Decision | None:
         source, want = source_shape(value.source), shape_of(b)
         if source is None or want is None:
             continue
-        if output_shape(value.kernel, source) != tuple(want):
+        made = output_shape(value.kernel, source)
+        if value.reshaped is not None:  # the module's output is reshaped as that node reshapes
+            if made is not None and shape_of(value.reshaped) == want and math.prod(
+                    made) == math.prod(want):
+                continue
+            made = None
+        if made != tuple(want):
             keep[b] = "a shape-only op inside this region is not undone here"
     return Decision(keep=keep) if keep else None
 

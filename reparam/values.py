@@ -77,13 +77,20 @@ class Lin:
     ``nodes`` are the op nodes folded into ``kernel`` (empty for the source itself), ``rules``
     the names of the rules and laws used, in first-use order, and ``biased`` whether one of the
     ops adds a bias (a BN, a biased conv, a shift): the folded module then keeps a bias even
-    where its values are zero, as a trained model's deploy form has."""
+    where its values are zero, as a trained model's deploy form has.
+
+    ``reshaped``, when set, makes the value *flat* (RepMLP's patches): the node's tensor is
+    ``kernel(source)`` reshaped as that reshape node reshapes its input. A reshape keeps the
+    row-major order of the elements, so the kernel is a map on the flattened sample (a linear
+    layer, or a 1x1 conv on ``(n, C*h*w, 1, 1)``). Only rules that ask for flat values
+    (:meth:`~reparam.context.Context.flat`) see them; every other rule reads an opaque tensor."""
 
     source: Source
     kernel: Kernel
     nodes: frozenset[fx.Node]
     rules: tuple[str, ...] = ()
     biased: bool = False
+    reshaped: fx.Node | None = None
 
     @property
     def is_source(self) -> bool:

@@ -268,7 +268,34 @@ class Program(nn.Module):
         if op == "mean":
             (src,) = args
             return vals[src].mean(dim=tuple(range(2, nd + 2)))
+        if op == "patches":
+            return self.patches(vals[args[0]], *args[1:])
         raise AssertionError(op)
+
+    def patches(self, v, c, o, h, w, hp, wp, fc, bn, bn2d, convs, variant):
+        """RepMLP: an FC over each flattened ``h x w`` patch (+ BN), convs on the same patches,
+        summed on the patch grid and merged back; ``variant`` makes it hostile: the grid read
+        at run time, tiles sized at run time or transposed, a BN over two patches at once, the
+        branches subtracted."""
+        if variant == "runtime":
+            hp, wp = v.size(2) // h, v.size(3) // w
+        patches = v.reshape(-1, c, hp, h, wp, w).permute(0, 2, 4, 1, 3, 5)
+        linear = isinstance(self.mods[fc], nn.Linear)
+        y = self.mods[fc](patches.reshape(-1, c * h * w) if linear
+                          else patches.reshape(-1, c * h * w, 1, 1))
+        if bn is not None:
+            y = self.mods[bn](y.reshape(-1, o, h, w) if bn2d else y.reshape(
+                -1, 2 * o * h * w if variant == "wide_bn" else o * h * w))
+        y = y.reshape(-1, hp, wp, o, h, w)
+        tiles = patches.reshape(-1, c, h, w)
+        if variant == "runtime_tiles":
+            tiles = patches.reshape(-1, c, patches.size(4), patches.size(5))
+        elif variant == "transposed":
+            tiles = patches.transpose(-1, -2).reshape(-1, c, w, h)
+        for name in convs:
+            z = self.mods[name](tiles).reshape(-1, hp, wp, o, h, w)
+            y = y - z if variant == "sub" else y + z
+        return y.permute(0, 3, 1, 4, 2, 5).reshape(-1, o, hp * h, wp * w)
 
 
 # --- building a random program ---------------------------------------------------------------
@@ -689,6 +716,45 @@ class Builder:
             y = self.call(nn.BatchNorm1d(self.vals[y].shape[1], dtype=F64), y, "bnfc") or y
         return y
 
+    def patches(self, src: int) -> int | None:
+        """A RepMLP partition perceptron on ``src`` (2d only): see :meth:`Program.patches`."""
+        if self.nd != 2:
+            return None
+        draw = self.draw
+        _, c, H, W = self.vals[src].shape
+        h = draw(st.sampled_from([d for d in divisors(H) if d <= 4]))
+        w = draw(st.sampled_from([d for d in divisors(W) if d <= 4]))
+        o = draw(st.integers(1, 4))
+        variant = draw(st.sampled_from(["plain", "plain", "plain", "runtime", "runtime_tiles",
+                                        "transposed", "wide_bn", "sub"]))
+        if variant == "transposed" and h != w:
+            variant = "plain"
+        mods: dict[str, nn.Module] = {}
+        fc = self.name("pfc")
+        if self.flag(0.3):
+            mods[fc] = nn.Linear(c * h * w, o * h * w, self.flag(0.3), dtype=F64)
+        else:
+            g = draw(st.sampled_from(divisors(math.gcd(c * h * w, o * h * w))))
+            mods[fc] = nn.Conv2d(c * h * w, o * h * w, 1, groups=g, bias=self.flag(0.3),
+                                 dtype=F64)
+        bn, bn2d = None, self.flag(0.4)
+        if self.flag(0.8):
+            bn = self.name("pbn")
+            width = o if bn2d else (2 if variant == "wide_bn" else 1) * o * h * w
+            mods[bn] = (nn.BatchNorm2d if bn2d else nn.BatchNorm1d)(width, dtype=F64)
+        convs = []
+        for k in draw(st.lists(st.sampled_from([1, 3, 5]), min_size=1, max_size=3)):
+            name = self.name("pconv")
+            g = draw(st.sampled_from(divisors(math.gcd(c, o))))
+            mode = draw(st.sampled_from(["zeros", "zeros", "circular", "reflect"]))
+            conv = nn.Conv2d(c, o, k, padding=k // 2, groups=g, bias=self.flag(0.3),
+                             padding_mode=mode, dtype=F64)
+            mods[name] = nn.Sequential(conv, nn.BatchNorm2d(o, dtype=F64)) if self.flag(
+                0.7) else conv
+            convs.append(name)
+        return self.emit(("patches", src, c, o, h, w, H // h, W // w, fc, bn, bn2d, tuple(convs),
+                          variant), mods)
+
     # --- multi-branch blocks ---------------------------------------------------------------
     def branch(self, kind: str, src: int, out: int, stride: int, groups: int) -> int | None:
         draw, nd = self.draw, self.nd
@@ -793,7 +859,7 @@ class Builder:
     # --- whole programs --------------------------------------------------------------------
     STEPS = ("block", "block", "block", "conv", "conv", "conv", "convT", "bn", "pad", "pool",
              "scale", "act", "act", "identity", "combine", "combine", "shared", "tokens", "alias",
-             "write", "leaf", "override", "rand")
+             "write", "leaf", "override", "rand", "patches")
     BLOCK_STEPS = ("block", "block", "block", "block", "act", "combine", "shared", "conv",
                    "alias")
 

@@ -26,6 +26,7 @@ from .common import (
     zero_pad,
 )
 from .layout import LAYOUT, layout_affine
+from .patches import PATCHES, PATCHES_FIRST, conv_into_fc, flat_bn, flat_reshape, flat_sum
 from .tokens import TOKENS, token_reshape
 
 #: RepVGG and MobileOne: conv+BN, 1x1 padded into KxK, BN identity as a (grouped) Dirac kernel.
@@ -39,15 +40,18 @@ DBB: tuple[Rule, ...] = COMMON + (
     avg_pool_as_conv, zero_pad, filled_pad, concat_branches, spatial_crop,
 )
 #: Everything reparam knows (the default): DBB plus BN before a conv, regrouping, KxK then KxK,
-#: per-channel ops inside a flatten/reshape of tokens (LeViT), and a per-channel map moved past
-#: layout ops and averages into the linear layer after them (FastViT, NextViT). The layout rule
-#: comes first: where nothing takes a BN in after an average pool, the pool takes it in instead.
-ALL: tuple[Rule, ...] = LAYOUT + DBB + (bn_conv, regroup, sequential_kxk_kxk, channel_pieces,
-                                        mixed_dilations) + TOKENS
+#: per-channel ops inside a flatten/reshape of tokens (LeViT), a per-channel map moved past
+#: layout ops and averages into the linear layer after them (FastViT, NextViT), and convs on
+#: fixed patches folded into the FC beside them (RepMLP). The layout rule comes first: where
+#: nothing takes a BN in after an average pool, the pool takes it in instead; the rules that
+#: read flat values come before all (to the others a flat value is an opaque tensor).
+ALL: tuple[Rule, ...] = PATCHES_FIRST + LAYOUT + DBB + (
+    bn_conv, regroup, sequential_kxk_kxk, channel_pieces, mixed_dilations) + TOKENS + PATCHES
 
 __all__ = [
-    "ACNET", "ALL", "COMMON", "DBB", "LAYOUT", "REPVGG", "TOKENS", "Rule", "avg_pool_as_conv",
-    "bn_conv", "channel_pieces", "concat_branches", "conv", "conv_bn", "filled_pad",
+    "ACNET", "ALL", "COMMON", "DBB", "LAYOUT", "PATCHES", "PATCHES_FIRST", "REPVGG", "TOKENS",
+    "Rule", "avg_pool_as_conv", "bn_conv", "channel_pieces", "concat_branches", "conv",
+    "conv_bn", "conv_into_fc", "filled_pad", "flat_bn", "flat_reshape", "flat_sum",
     "identity_as_dirac", "identity_ops", "law", "layout_affine", "mixed_dilations", "ops",
     "pad_small_kernel", "parallel_sum", "regroup", "rule", "scale_shift", "sequential_1x1_kxk",
     "sequential_kxk_1x1", "sequential_kxk_kxk", "spatial_crop", "token_reshape", "zero_pad",

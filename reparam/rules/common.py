@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import fx
+from torch import Tensor, fx
 
 from .. import kernel as K
 from ..context import Context, Layout
@@ -174,6 +174,15 @@ def conv_bn(ctx: Context, op: Op) -> Lin:
     Always exact in eval mode. A BN on a tensor no linear op made is a per-channel affine map that
     folds into its neighbours. BN with batch statistics (training mode, or no running statistics)
     is not a fixed map and stays."""
+    x = ctx.lin(op.inputs[0], _rank_layout(ctx, op.inputs[0]))
+    return ctx.result(K.fuse_bn(x.kernel, *bn_statistics(ctx, op)), x, rule="conv_bn",
+                      biased=True)
+
+
+def bn_statistics(ctx: Context, op: Op) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None,
+                                                  float]:
+    """An eval-mode BN's ``(mean, var, gamma, beta, eps)`` in float64; raises :class:`NoFold`
+    where the BN is not a fixed map (batch statistics) or divides by zero."""
     a = op.attrs
     if a["training"]:
         raise NoFold("BN uses batch statistics (training mode or no running statistics), so it is "
@@ -188,9 +197,7 @@ def conv_bn(ctx: Context, op: Op) -> Lin:
     if bool(torch.any(var + eps <= 0)):
         raise NoFold("running_var + eps is 0 (or negative) for some channel: the BN divides by "
                      "zero there, so it is kept as it is")
-    x = ctx.lin(op.inputs[0], _rank_layout(ctx, op.inputs[0]))
-    return ctx.result(K.fuse_bn(x.kernel, mean, var, gamma, beta, eps), x, rule="conv_bn",
-                      biased=True)
+    return mean, var, gamma, beta, eps
 
 
 @rule("scale_shift", MUL, DIV, ADD, SUB, NEG)

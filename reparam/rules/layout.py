@@ -24,8 +24,9 @@ import math
 
 from torch import fx
 
+from .. import kernel as K
 from ..context import Context, relay
-from ..values import Lin, NoFold, rule
+from ..values import Const, Lin, NoFold, rule
 from .ops import AVG_POOL, FLATTEN, MEAN, RESHAPE, TRANSPOSE
 
 
@@ -34,16 +35,22 @@ def _channel_axis(lin: Lin, rank: int) -> int:
     return rank - 1 if k.channels_last or rank == 2 else 1
 
 
-def _reshaped_axis(before, after, axis: int) -> int | None:
+def _reshaped_axis(before, after, axis: int) -> tuple[int, int] | None:
     """The axis of ``after`` that holds ``before``'s axis ``axis`` whole under a row-major
-    reshape: the same size with the same number of elements in front of it, counted after the
-    batch axis, which must stay first and whole."""
+    reshape, and how many positions each channel spans there: the same number of elements in
+    front of it, counted after the batch axis (which must stay first and whole), and a size of
+    ``before[axis] * repeats``, the channel axis merged with the ``repeats`` positions of the
+    axes right after it (a BN's map flattened with its positions: ``(n, c, h, w) -> (n, c*h*w)``
+    repeats each channel's scale ``h*w`` times)."""
     if len(after) < 2 or after[0] != before[0] or axis < 1:
         return None
     front = math.prod(before[1:axis])
     for j in range(1, len(after)):
-        if after[j] == before[axis] and math.prod(after[1:j]) == front:
-            return j
+        if math.prod(after[1:j]) != front:
+            continue
+        for end in range(axis + 1, len(before) + 1):
+            if after[j] == math.prod(before[axis:end]):
+                return j, math.prod(before[axis + 1:end])
     return None
 
 
@@ -68,9 +75,15 @@ def _keeps_batch(ctx: Context, op) -> bool:
     return isinstance(first, fx.Node) or first == -1
 
 
-def _axis_after(ctx: Context, op, axis: int) -> int | None:
-    """Where the channel axis ``axis`` of the op's input is in its output, if the op commutes with
-    a per-channel affine map on that axis; else ``None``."""
+def _axis_after(ctx: Context, op, axis: int) -> tuple[int, int] | None:
+    """Where the channel axis ``axis`` of the op's input is in its output, and over how many
+    positions each channel repeats there, if the op commutes with a per-channel affine map on
+    that axis; else ``None``."""
+    found = _moved_axis(ctx, op, axis)
+    return (found, 1) if isinstance(found, int) else found
+
+
+def _moved_axis(ctx: Context, op, axis: int) -> int | tuple[int, int] | None:
     before, after = ctx.shape(op.inputs[0]), ctx.shape(ctx.node)
     if before is None or after is None:
         return None
@@ -117,15 +130,18 @@ def layout_affine(ctx: Context, op) -> Lin | None:
         return None
     x = op.inputs[0]
     value = ctx.value(x)
+    if op.kind == "avg_pool" and isinstance(x, fx.Node) and not isinstance(value, (Lin, Const)):
+        return _pooled_view(ctx, op, x)
     if not isinstance(value, Lin) or not value.nodes or not value.kernel.is_diagonal:
         return None  # only a per-channel map commutes with moving elements
     before, after = ctx.shape(x), ctx.shape(ctx.node)
     if before is None or after is None or len(after) < 2:
         return None
-    axis = _axis_after(ctx, op, _channel_axis(value, len(before)))
-    if axis is None:
+    found = _axis_after(ctx, op, _channel_axis(value, len(before)))
+    if found is None:
         raise NoFold(f"'{ctx.node.name}' ({op.kind}) does not keep the channel axis whole, so a "
                      "per-channel map cannot move past it")
+    axis, repeats = found
     rank = len(after)
     if axis == rank - 1:
         layout = (0, rank > 2)
@@ -135,8 +151,24 @@ def layout_affine(ctx: Context, op) -> Lin | None:
         raise NoFold(f"after '{ctx.node.name}' ({op.kind}) the channels lie on axis {axis} of "
                      f"{rank}, where no conv or linear layer reads them")
     ctx.require("bn_conv")  # the moved map folds into what comes after as "BN then conv"
-    kernel = relay(value.kernel, after[axis], layout, value.kernel.weight.device)
+    k = value.kernel
+    if repeats > 1 and k.out_channels * repeats == after[axis]:  # each channel over positions
+        k = K.affine(k.weight.reshape(-1).repeat_interleave(repeats),
+                     k.bias.reshape(-1).repeat_interleave(repeats), k.nd, k.channels_last)
+    kernel = relay(k, after[axis], layout, k.weight.device)
     return ctx.result(kernel, value, rule="layout_affine", through=True)
+
+
+def _pooled_view(ctx: Context, op, x: fx.Node) -> Lin | None:
+    """An unpadded average pool of a tensor no linear op made: the identity of the pooled view,
+    so that a per-channel map after the pool can move on into the linear layer after it (RepMLP's
+    global perceptron: pool -> BN -> flatten -> FC keeps the pool and folds the BN into the FC).
+    Where nothing takes the map in, the driver stops the view and the pool becomes a conv."""
+    before, after = ctx.shape(x), ctx.shape(ctx.node)
+    if before is None or after is None or _axis_after(ctx, op, 1) is None:
+        return None
+    source = ctx.lin(x)
+    return ctx.result(source.kernel, source, rule="layout_affine", through=True)
 
 
 LAYOUT = (layout_affine,)
