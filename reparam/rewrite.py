@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 from torch import fx, nn
@@ -60,8 +61,15 @@ def fold_graph(root: nn.Module, graph: fx.Graph, rules: Sequence[Rule], max_cost
         entry = ir.entries.get(node)
         item = Leftover(node.name, entry.kind if entry is not None else node.op, reasons[node])
         (report.joins if node in joins else report.leftovers).append(item)
-    gm = fx.GraphModule(root, graph, class_name)  # holds only what the graph uses
+    gm = fx.GraphModule(root, compact(graph), class_name)  # holds only what the graph uses
     return gm, report
+
+
+def compact(graph: fx.Graph) -> fx.Graph:
+    """A copy of ``graph`` holding only its live nodes (same names, meta and output). torch.fx's
+    namespace keeps every node a graph ever had, erased ones too, with their meta: a folded graph
+    keeps a fifth of its traced nodes, so the copy lets the rest go."""
+    return copy.deepcopy(graph)
 
 
 def _ops_after(ir: IR, graph: fx.Graph, made, clone_of: dict[fx.Node, fx.Node]
