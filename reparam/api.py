@@ -27,7 +27,7 @@ from .capture import capture
 from .crossing import merges_across
 from .errors import CheckError, ReparamError, TraceError
 from .ir import IR
-from .observe import CallerTensorWritten, guarded, observe
+from .observe import CallerTensorWritten, Protected, guarded, observe
 from .pattern import Effect, Recognizer
 from .progress import Callback, reporting, tick
 from .report import Report
@@ -266,14 +266,14 @@ def _clear_errors(model: nn.Module) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class Job:
-    """What every part of one fold shares: its options, and the model whose tensors are the
-    caller's (``protect``: never written; ``None`` when folding a private deep copy)."""
+    """What every part of one fold shares: its options, and the caller's tensors (``protect``,
+    listed once: never written; ``None`` when folding a private deep copy)."""
 
     rules: tuple[Rule, ...]
     max_cost: float
     leaves: tuple[str, ...]
     verify: bool
-    protect: nn.Module | None
+    protect: Protected | None
     recognizer: Recognizer
     keep: dict[str, str] = field(default_factory=dict)  # qualified node name -> why kept
     # folding a private copy of a model whose forward writes its own tensors: (the copy's
@@ -317,7 +317,7 @@ def _fold(model: nn.Module, example_inputs, rules: tuple, check: bool, verify: b
           ) -> nn.Module:
     inputs = as_inputs(example_inputs)
     start = time.perf_counter()
-    job = Job(rules, max_cost, leaf_modules, verify, protect=model,
+    job = Job(rules, max_cost, leaf_modules, verify, protect=Protected(model),
               recognizer=recognizer_for(rules), captures=dict(captures or {}))
     try:
         done = _fold_verified(model, inputs, job)
