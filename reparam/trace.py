@@ -246,6 +246,7 @@ def trace(make_copy: Callable[[], nn.Module], leaf_modules: Iterable[str] = (),
                 graph = tracer.trace(root)
         except Exception as e:  # noqa: BLE001 - any failure inside user code
             stack = list(tracer.module_stack.values())
+            _drop(tracer)
             path = stack[-1][0] if stack else ""
             why = f"{type(e).__name__}: {e}".splitlines()[0][:300]
             if not path or path in leaves:
@@ -255,9 +256,18 @@ def trace(make_copy: Callable[[], nn.Module], leaf_modules: Iterable[str] = (),
             leaves.add(path)
             untraced.append((path, why))
             continue
-        return Traced(tracer.root, graph, type(root).__name__,
-                      untraced + list(tracer.autocast.items()))
+        traced = Traced(tracer.root, graph, type(root).__name__,
+                        untraced + list(tracer.autocast.items()))
+        _drop(tracer)
+        return traced
     raise TraceError("too many untraceable submodules")  # pragma: no cover
+
+
+def _drop(tracer: fx.Tracer) -> None:
+    """Empty a tracer once it is done: torch.fx's patched functions close over it in a reference
+    cycle, which would keep its copy of the model, its graph and its tables alive until the
+    cyclic collector runs (``fold`` pauses it)."""
+    vars(tracer).clear()
 
 
 @functools.cache
