@@ -86,7 +86,8 @@ def _validate(model: object, rules: object, max_cost: object, leaf_modules: obje
             f"leaf_modules names {', '.join(repr(p) for p in missing)}, which "
             f"{'is' if len(missing) == 1 else 'are'} not a submodule of {type(model).__name__}"
             f"{hint}; name submodules as model.named_modules() does, e.g. 'stage2.0.attn'")
-    if any(nn.parameter.is_lazy(t) for t in list(model.parameters()) + list(model.buffers())):
+    tensors = [*model.parameters(), *model.buffers()]  # the module tree walked once
+    if any(nn.parameter.is_lazy(t) for t in tensors):
         raise ReparamError("the model has lazy modules that were never run: run one forward pass "
                            "to initialize them, then fold")
     training = [name or type(model).__name__ for name, m in model.named_modules()
@@ -97,7 +98,7 @@ def _validate(model: object, rules: object, max_cost: object, leaf_modules: obje
             f"{'...' if len(training) > 3 else ''}): BN uses batch statistics there, so folding "
             "would change what it computes. Call model.eval() before reparam.fold(model)."
         )
-    for t in list(model.parameters()) + list(model.buffers()):
+    for t in tensors:
         if t.is_meta:
             raise ReparamError(
                 "the model has parameters on the meta device (no values): load real weights "
