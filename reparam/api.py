@@ -27,7 +27,7 @@ from .capture import capture
 from .crossing import merges_across
 from .errors import CheckError, ReparamError, TraceError
 from .ir import IR
-from .observe import CallerTensorWritten, guarded, observe
+from .observe import CallerTensorWritten, Protected, guarded, observe
 from .pattern import Effect, Recognizer
 from .progress import Callback, reporting, tick
 from .report import Report
@@ -86,7 +86,8 @@ def _validate(model: object, rules: object, max_cost: object, leaf_modules: obje
             f"leaf_modules names {', '.join(repr(p) for p in missing)}, which "
             f"{'is' if len(missing) == 1 else 'are'} not a submodule of {type(model).__name__}"
             f"{hint}; name submodules as model.named_modules() does, e.g. 'stage2.0.attn'")
-    if any(nn.parameter.is_lazy(t) for t in list(model.parameters()) + list(model.buffers())):
+    tensors = [*model.parameters(), *model.buffers()]  # the module tree walked once
+    if any(nn.parameter.is_lazy(t) for t in tensors):
         raise ReparamError("the model has lazy modules that were never run: run one forward pass "
                            "to initialize them, then fold")
     training = [name or type(model).__name__ for name, m in model.named_modules()
@@ -97,7 +98,7 @@ def _validate(model: object, rules: object, max_cost: object, leaf_modules: obje
             f"{'...' if len(training) > 3 else ''}): BN uses batch statistics there, so folding "
             "would change what it computes. Call model.eval() before reparam.fold(model)."
         )
-    for t in list(model.parameters()) + list(model.buffers()):
+    for t in tensors:
         if t.is_meta:
             raise ReparamError(
                 "the model has parameters on the meta device (no values): load real weights "
@@ -266,14 +267,14 @@ def _clear_errors(model: nn.Module) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class Job:
-    """What every part of one fold shares: its options, and the model whose tensors are the
-    caller's (``protect``: never written; ``None`` when folding a private deep copy)."""
+    """What every part of one fold shares: its options, and the caller's tensors (``protect``,
+    listed once: never written; ``None`` when folding a private deep copy)."""
 
     rules: tuple[Rule, ...]
     max_cost: float
     leaves: tuple[str, ...]
     verify: bool
-    protect: nn.Module | None
+    protect: Protected | None
     recognizer: Recognizer
     keep: dict[str, str] = field(default_factory=dict)  # qualified node name -> why kept
     # folding a private copy of a model whose forward writes its own tensors: (the copy's
@@ -317,7 +318,7 @@ def _fold(model: nn.Module, example_inputs, rules: tuple, check: bool, verify: b
           ) -> nn.Module:
     inputs = as_inputs(example_inputs)
     start = time.perf_counter()
-    job = Job(rules, max_cost, leaf_modules, verify, protect=model,
+    job = Job(rules, max_cost, leaf_modules, verify, protect=Protected(model),
               recognizer=recognizer_for(rules), captures=dict(captures or {}))
     try:
         done = _fold_verified(model, inputs, job)

@@ -131,29 +131,47 @@ class _Watch(TorchDispatchMode):
 
 def caller_storages(module: nn.Module) -> set[int]:
     """Storage keys of every parameter and buffer of ``module`` (what fold must never write)."""
+    return _keys([*module.parameters(), *module.buffers()])
+
+
+def _keys(tensors: Iterable[torch.Tensor]) -> set[int]:
     keys = set()
-    for t in (*module.parameters(), *module.buffers()):
+    for t in tensors:
         key = _storage_key(t)
         if key is not None:
             keys.add(key)
     return keys
 
 
+class Protected:
+    """The caller's parameters and buffers and their storages, listed once per fold (a large
+    model's module tree is walked once, not at every guarded run)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.tensors = [*module.parameters(), *module.buffers()]
+        self.storages = _keys(self.tensors)
+
+
+def _protected(protect: nn.Module | Protected) -> Protected:
+    return protect if isinstance(protect, Protected) else Protected(protect)
+
+
 @contextlib.contextmanager
-def guarded(module: nn.Module) -> Iterator[_Watch]:
-    """Run code that may write tensors shared with ``module`` (the caller's model): an aten write
-    into one raises :class:`CallerTensorWritten` before it happens, and a parameter whose data was
-    replaced (``p.data = t``) is restored and reported the same way."""
-    params = list(module.parameters()) + list(module.buffers())
-    before = [(t, t.data) for t in params]
-    watch = _Watch(caller_storages(module))
+def guarded(module: nn.Module | Protected) -> Iterator[_Watch]:
+    """Run code that may write tensors shared with ``module`` (the caller's model, or its
+    :class:`Protected` tensors): an aten write into one raises :class:`CallerTensorWritten`
+    before it happens, and a parameter whose data was replaced (``p.data = t``) is restored and
+    reported the same way."""
+    protected = _protected(module)
+    before = [(t, t.data) for t in protected.tensors]
+    watch = _Watch(protected.storages)
     swapped = False
     try:
         with torch.no_grad(), watch:
             yield watch
     finally:
         for t, data in before:
-            if t.data.data_ptr() != data.data_ptr() or t.data.shape != data.shape:
+            if t.data_ptr() != data.data_ptr() or t.shape != data.shape:
                 t.data = data
                 swapped = True
     if swapped:
@@ -285,7 +303,7 @@ def _copies(inputs: Iterable) -> tuple:
                           list(inputs)))
 
 
-def observe(gm: nn.Module, inputs: tuple, protect: nn.Module | None = None,
+def observe(gm: nn.Module, inputs: tuple, protect: nn.Module | Protected | None = None,
             graph: fx.Graph | None = None) -> Observation:
     """Run ``gm`` once on copies of ``inputs`` and record what :class:`Observation` holds; the
     storages of ``protect`` (the caller's model) are never written (see :func:`guarded`).
@@ -298,8 +316,8 @@ def observe(gm: nn.Module, inputs: tuple, protect: nn.Module | None = None,
     if any(batched):
         attempts.insert(0, tuple(t[:1] if b else t for t, b in zip(inputs, batched, strict=True)))
     error: Exception | None = None
+    protected = _protected(protect).storages if protect is not None else set()
     for args in attempts:
-        protected = caller_storages(protect) if protect is not None else set()
         watch = _Watch(protected)
         runner = _Interpreter(gm, graph if graph is not None else gm.graph, watch)
         try:

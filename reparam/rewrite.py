@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 from torch import fx, nn
@@ -40,9 +41,19 @@ def fold_graph(root: nn.Module, graph: fx.Graph, rules: Sequence[Rule], max_cost
     region's original ops are stored in it for :mod:`reparam.verify`."""
     obs = obs if obs is not None else Observation()
     recognizer = recognizer if recognizer is not None else Recognizer(rules)
+    report = _rewrite(root, graph, rules, max_cost, obs, keep or {}, captured, recognizer)
+    # the IR and the analysis are gone by now: the module is made without them beside it
+    gm = fx.GraphModule(root, compact(graph), class_name)  # holds only what the graph uses
+    return gm, report
+
+
+def _rewrite(root: nn.Module, graph: fx.Graph, rules: Sequence[Rule], max_cost: float,
+             obs: Observation, keep: dict[str, str], captured: dict | None,
+             recognizer: Recognizer) -> Report:
+    """Steps 1 to 4 of the module docstring on ``graph`` (rewritten in place, its new modules
+    put in ``root``); returns the report."""
     ir = IR(root, graph, recognizer, obs)  # reads every node once; drops the identities
     ops_before = ir.op_counts()
-    keep = keep or {}
     kept = {n: keep[n.name] for n in graph.nodes if n.name in keep}
     param = next(iter(root.parameters()), None)
     analysis = Analysis(ir, rules, kept, device=param.device if param is not None else None)
@@ -60,8 +71,14 @@ def fold_graph(root: nn.Module, graph: fx.Graph, rules: Sequence[Rule], max_cost
         entry = ir.entries.get(node)
         item = Leftover(node.name, entry.kind if entry is not None else node.op, reasons[node])
         (report.joins if node in joins else report.leftovers).append(item)
-    gm = fx.GraphModule(root, graph, class_name)  # holds only what the graph uses
-    return gm, report
+    return report
+
+
+def compact(graph: fx.Graph) -> fx.Graph:
+    """A copy of ``graph`` holding only its live nodes (same names, meta and output). torch.fx's
+    namespace keeps every node a graph ever had, erased ones too, with their meta: a folded graph
+    keeps a fifth of its traced nodes, so the copy lets the rest go."""
+    return copy.deepcopy(graph)
 
 
 def _ops_after(ir: IR, graph: fx.Graph, made, clone_of: dict[fx.Node, fx.Node]

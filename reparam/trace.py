@@ -43,32 +43,36 @@ def light_copy(model: nn.Module) -> nn.Module:
     dictionaries, lists and sets (so tracing that writes into a cache, as LeViT does, writes into
     the copy), sharing the parameter and buffer tensors and other values with the original.
     Much cheaper than ``copy.deepcopy``; nothing reparam does writes into shared tensors."""
-    memo: dict[int, nn.Module] = {}
-
-    def clone(m: nn.Module) -> nn.Module:
-        if id(m) in memo:  # a module used in two places stays one module
-            return memo[id(m)]
-        cls = type(m)
-        state = {key: _shallow(value) for key, value in vars(m).items() if key != "_modules"}
-        if cls.__new__ is object.__new__:  # a new object and dict: no __init__, no __reduce_ex__
-            new = object.__new__(cls)
-            object.__setattr__(new, "__dict__", state)
-        else:  # a class with its own __new__ (GraphModule makes a class per instance)
-            new = copy.copy(m)
-            vars(new).update(state)
-        memo[id(m)] = new
-        new._modules = type(m._modules)(
-            (name, None if child is None else clone(child)) for name, child in m._modules.items()
-        )
-        return new
-
     try:
-        return clone(model)
+        return _clone(model, {})
     except RuntimeError:  # a module that refuses to be copied this way (parametrizations)
         memo_t = {id(t): t for t in model.parameters()}
         memo_t.update({id(t): t for t in model.buffers()})
         memo_t.update({id(t): t for t in _cached_tensors(model)})
         return copy.deepcopy(model, memo_t)
+
+
+def _clone(m: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
+    """One module of :func:`light_copy` and, recursively, its children (``memo``: the copies made
+    so far, by the original's id). A plain function, not a closure that calls itself: such a
+    closure is a reference cycle, which would keep every copy alive until the cyclic collector
+    runs (and ``fold`` pauses it)."""
+    if id(m) in memo:  # a module used in two places stays one module
+        return memo[id(m)]
+    cls = type(m)
+    state = {key: _shallow(value) for key, value in vars(m).items() if key != "_modules"}
+    if cls.__new__ is object.__new__:  # a new object and dict: no __init__, no __reduce_ex__
+        new = object.__new__(cls)
+        object.__setattr__(new, "__dict__", state)
+    else:  # a class with its own __new__ (GraphModule makes a class per instance)
+        new = copy.copy(m)
+        vars(new).update(state)
+    memo[id(m)] = new
+    new._modules = type(m._modules)(
+        (name, None if child is None else _clone(child, memo))
+        for name, child in m._modules.items()
+    )
+    return new
 
 
 _PLAIN = (dict, list, set, collections.OrderedDict)
@@ -242,6 +246,7 @@ def trace(make_copy: Callable[[], nn.Module], leaf_modules: Iterable[str] = (),
                 graph = tracer.trace(root)
         except Exception as e:  # noqa: BLE001 - any failure inside user code
             stack = list(tracer.module_stack.values())
+            _drop(tracer)
             path = stack[-1][0] if stack else ""
             why = f"{type(e).__name__}: {e}".splitlines()[0][:300]
             if not path or path in leaves:
@@ -251,9 +256,18 @@ def trace(make_copy: Callable[[], nn.Module], leaf_modules: Iterable[str] = (),
             leaves.add(path)
             untraced.append((path, why))
             continue
-        return Traced(tracer.root, graph, type(root).__name__,
-                      untraced + list(tracer.autocast.items()))
+        traced = Traced(tracer.root, graph, type(root).__name__,
+                        untraced + list(tracer.autocast.items()))
+        _drop(tracer)
+        return traced
     raise TraceError("too many untraceable submodules")  # pragma: no cover
+
+
+def _drop(tracer: fx.Tracer) -> None:
+    """Empty a tracer once it is done: torch.fx's patched functions close over it in a reference
+    cycle, which would keep its copy of the model, its graph and its tables alive until the
+    cyclic collector runs (``fold`` pauses it)."""
+    vars(tracer).clear()
 
 
 @functools.cache
