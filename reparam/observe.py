@@ -308,34 +308,25 @@ def observe(gm: nn.Module, inputs: tuple, protect: nn.Module | Protected | None 
     """Run ``gm`` once on copies of ``inputs`` and record what :class:`Observation` holds; the
     storages of ``protect`` (the caller's model) are never written (see :func:`guarded`).
 
-    Tries the first sample of a batch first (cheaper), then the whole batch (a BN with batch
-    statistics, a hard-coded batch size). Raises :class:`ReparamError` if neither runs and
-    :class:`CallerTensorWritten` if the graph would write the caller's tensors."""
-    batched = [isinstance(t, torch.Tensor) and t.dim() > 1 and len(t) > 1 for t in inputs]
-    attempts = [inputs]
-    if any(batched):
-        attempts.insert(0, tuple(t[:1] if b else t for t, b in zip(inputs, batched, strict=True)))
-    error: Exception | None = None
+    Runs the whole example batch: the trace's faithfulness and the fold are checked on what is
+    observed, and a model that couples its samples (a BN with batch statistics) can agree with
+    its trace on one sample and not on the batch (R19). Raises :class:`ReparamError` if it does
+    not run and :class:`CallerTensorWritten` if the graph would write the caller's tensors."""
     protected = _protected(protect).storages if protect is not None else set()
-    for args in attempts:
-        watch = _Watch(protected)
-        runner = _Interpreter(gm, graph if graph is not None else gm.graph, watch)
-        try:
-            with torch.no_grad(), watch, warnings.catch_warnings(), \
-                    redirect_stderr(io.StringIO()):
-                warnings.simplefilter("ignore")
-                output = runner.run(*_copies(args))
-        except CallerTensorWritten:
-            raise
-        except Exception as e:  # noqa: BLE001 - the model's own code failed on this input
-            error = e
-            continue
-        obs = runner.obs
-        obs.output, obs.inputs = output, args
-        obs.consts = runner.constants()
-        return obs
-    message = str(error).strip().splitlines()[0] if error is not None and str(error).strip() else ""
-    raise ReparamError(
-        f"running the model on the example inputs failed ({type(error).__name__}: {message}); "
-        "pass example_inputs that the model accepts"
-    ) from error
+    watch = _Watch(protected)
+    runner = _Interpreter(gm, graph if graph is not None else gm.graph, watch)
+    try:
+        with torch.no_grad(), watch, warnings.catch_warnings(), redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            output = runner.run(*_copies(inputs))
+    except CallerTensorWritten:
+        raise
+    except Exception as e:  # noqa: BLE001 - the model's own code failed on this input
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ReparamError(
+            f"running the model on the example inputs failed ({type(e).__name__}: {message}); "
+            "pass example_inputs that the model accepts") from e
+    obs = runner.obs
+    obs.output, obs.inputs = output, inputs
+    obs.consts = runner.constants()
+    return obs

@@ -186,14 +186,14 @@ def test_draw_svg_and_html(models, safe_tiny, tmp_path):
     assert texts.count("+") == 1  # the three branches meet in one sum, not a chain of two
     assert any(t.startswith("before: 7 ops") for t in texts)
     assert any(t.startswith("after: 1 op,") for t in texts)
-    assert texts[0] == "1 (RepVGGBlock), input 1x8x32x32"  # the guess: 64x64 into stride 2
-    assert texts.count("1x8x32x32") == 2  # each panel's input box
+    assert texts[0] == "1 (RepVGGBlock), input 2x8x32x32"  # the guess: 2x3x64x64 into stride 2
+    assert texts.count("2x8x32x32") == 2  # each panel's input box
 
     ok(reparam_cli("draw", *safe_tiny, "-o", "block.html", "--block", "0", cwd=tmp_path,
                    path=[models]))
     page = (tmp_path / "block.html").read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>") and "<pre>reparam: 1 regions folded" in page
-    assert "<p>Input 1x4x64x64;" in page
+    assert "<p>Input 2x4x64x64;" in page
     svg = ET.fromstring(page[page.index("<svg"):page.index("</svg>") + len("</svg>")])
     texts = [t.text for t in svg.iter(f"{SVG}text")]
     assert "conv3x3 s2 g1" in texts and "conv1x1 s2 g1" in texts

@@ -513,3 +513,41 @@ def test_check_compares_random_models_under_one_seed():
     model = NoisyConv().eval()
     folded = reparam.fold(model, (torch.randn(2, 1, 5, 5, dtype=F64),), check=True)
     assert folded.reparam_report.joins  # the noise times x: where two tensors meet
+
+
+class CoupledAugmented(nn.Module):
+    """``t += 1`` on a name for the input (torch.fx traces it out of place, and the list keeps
+    the input), then a conv and a BN with batch statistics: on the first sample alone the trace
+    and eager mode agree, on the whole batch they do not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 1, 3, padding=1, dtype=F64)
+        self.norm = nn.BatchNorm1d(1, track_running_stats=False, dtype=F64)
+        self.fc = nn.Linear(1, 1, dtype=F64)
+
+    def forward(self, x):
+        kept = [x]
+        shifted = kept[0]
+        shifted += 1.0  # in place on x; the trace adds out of place and kept[0] stays x
+        return shifted, self.fc(self.norm(self.conv(kept[0] * 0.5)).mean(2))
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_model_that_couples_its_samples_is_checked_on_the_whole_batch(verify):
+    """R19: the graph was observed, and the trace checked against eager mode, on the first
+    sample of the example batch; here they agree on it, so a wrong model (error 7.7e-3 on the
+    batch) came back, verified or not. Now everything runs on the whole batch."""
+    torch.manual_seed(0)
+    model = CoupledAugmented().eval()
+    x = torch.randn(2, 1, 6, dtype=F64)
+    with torch.no_grad():
+        want = model(x.clone())
+    try:
+        folded = reparam.fold(model, (x.clone(),), verify=verify)
+    except reparam.ReparamError as e:
+        assert "eager" in str(e)
+        return
+    with torch.no_grad():
+        got = folded(x.clone())
+    assert max(float((g - w).abs().max()) for g, w in zip(got, want, strict=True)) < 1e-9

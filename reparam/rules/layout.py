@@ -56,9 +56,9 @@ def _reshaped_axis(before, after, axis: int) -> tuple[int, int] | None:
 
 def _keeps_batch(ctx: Context, op) -> bool:
     """Whether a flatten or reshape leaves the batch axis alone for *any* batch size: shapes are
-    traced on one sample, where ``x.reshape(1, c, -1)`` looks as harmless as
-    ``x.reshape(b, c, -1)``. A reshape's first size must come from the input at run time or be
-    -1 (then the other sizes fix one sample's layout)."""
+    traced on the example batch (often one sample), where ``x.reshape(1, c, -1)`` looks as
+    harmless as ``x.reshape(b, c, -1)``. A reshape's first size must come from the input at run
+    time or be -1 (then the other sizes fix one sample's layout)."""
     rank = len(ctx.shape(op.inputs[0]))
     if op.kind == "flatten":
         start = op.attrs["start_dim"]
