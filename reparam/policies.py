@@ -102,21 +102,32 @@ def escapes(state: State) -> Decision | None:
     by a non-linear op, by the output, or written in place later. A shape query does not need
     the value, only its shape, when the region's source has that shape too."""
     a = state.analysis
-    new = set()
+    new: dict[fx.Node, list[fx.Node]] = {}  # escaping node -> the users that do not take it in
     for node, value in a.values.items():
         if not isinstance(value, Lin) or node in a.boundaries or not value.nodes:
             continue
         if node in a.mutated:
-            new.add(node)
+            new[node] = []
             continue
         for user in node.users:
             if reads_layout_only(user, node, value):
                 continue  # reads the layout only, which the source has too
             uv = a.values.get(user)
             if not (isinstance(uv, Lin) and node in uv.nodes):
-                new.add(node)
-                break
-    return Decision(bound=new) if new else None
+                new.setdefault(node, []).append(user)
+    bound = {n for n, users in new.items() if not _may_move_on(state, n, users, new)}
+    return Decision(bound=bound) if bound else None
+
+
+def _may_move_on(state: State, node: fx.Node, users: list[fx.Node], bound) -> bool:
+    """A per-channel op (a BN) read by layout ops alone, whose input ends a region in the same
+    decision: once that boundary is made, the op is a per-channel map of it, which the layout
+    ops can move on into the linear op after them (FastViT's ``norm`` of a RepCPE sum, read by
+    its residual too, then ``flatten -> transpose -> qkv``). It is decided in the next round."""
+    entry = state.ir.entries.get(node)
+    return (bool(users) and entry is not None and entry.effect is Effect.AFFINE
+            and all(state.ir.entries[u].effect is Effect.LAYOUT for u in users)
+            and any(i in bound for i in node.all_input_nodes))
 
 
 def idle_views(state: State) -> Decision | None:

@@ -551,3 +551,32 @@ def test_a_model_that_couples_its_samples_is_checked_on_the_whole_batch(verify):
     with torch.no_grad():
         got = folded(x.clone())
     assert max(float((g - w).abs().max()) for g, w in zip(got, want, strict=True)) < 1e-9
+
+
+class SharedSumThenTokenNorm(nn.Module):
+    """FastViT's attention block: ``y = x + dw(x)`` (its positional conv) read by the residual
+    and by a BN, then ``flatten -> transpose -> Linear`` on the tokens."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.norm = nn.BatchNorm2d(c)
+        self.qkv = nn.Linear(c, c)
+
+    def forward(self, x):
+        y = x + self.dw(x)
+        b, c, h, w = y.shape
+        t = torch.relu(self.qkv(self.norm(y).flatten(2).transpose(1, 2)))
+        return y + t.transpose(1, 2).reshape(b, c, h, w)
+
+
+def test_a_bn_after_a_shared_sum_moves_on_into_the_linear_layer():
+    """R20: the region of ``x + dw(x)`` and the BN after it both escaped in one decision and both
+    became boundaries, so the BN (a per-channel map of the sum, once that is a boundary) could not
+    move through the flatten into ``qkv``: FastViT kept one BN per attention stage."""
+    model = randomize_bn(SharedSumThenTokenNorm()).eval()
+    x = torch.randn(2, 4, 5, 5)
+    folded = reparam.fold(model, x)
+    assert reparam.count_ops(folded).get("batch_norm", 0) == 0
+    with torch.no_grad():
+        assert (folded(x) - model(x)).abs().max() < 1e-5
