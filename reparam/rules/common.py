@@ -304,11 +304,17 @@ def parallel_sum(ctx: Context, op: Op) -> Lin | None:
     layout = ctx.layout_of(first) if isinstance(ctx.value(first), Lin) else ctx.layout_of(second)
     a, b = ctx.lin(first, layout), ctx.lin(second, layout)
     _same_source(ctx, [a, b])
+    return ctx.result(branch_sum(ctx, op, a.kernel, b.kernel), a, b, rule="parallel_sum")
+
+
+def branch_sum(ctx: Context, op: Op, a: Kernel, b: Kernel) -> Kernel:
+    """The kernel of ``a + b``, ``a - b`` or ``torch.add(a, b, alpha=)`` (``op``'s kind and
+    alpha) of two branches on one input, taking the laws the branches need; raises
+    :class:`NoFold` where the sum is not exact."""
     alpha = op.attrs.get("alpha", 1)
-    kb = b.kernel if alpha == 1 and op.kind == "add" else K.scale_out(
-        b.kernel, -alpha if op.kind == "sub" else alpha)
-    kernels = _branch_laws(ctx, [a.kernel, kb])
-    return ctx.result(_exact(K.add, kernels), a, b, rule="parallel_sum")
+    kb = b if alpha == 1 and op.kind == "add" else K.scale_out(
+        b, -alpha if op.kind == "sub" else alpha)
+    return _exact(K.add, _branch_laws(ctx, [a, kb]))
 
 
 @rule("concat_branches", CAT)

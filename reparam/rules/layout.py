@@ -35,22 +35,21 @@ def _channel_axis(lin: Lin, rank: int) -> int:
     return rank - 1 if k.channels_last or rank == 2 else 1
 
 
-def _reshaped_axis(before, after, axis: int) -> tuple[int, int] | None:
+def _reshaped_axis(before, after, axis: int) -> int | None:
     """The axis of ``after`` that holds ``before``'s axis ``axis`` whole under a row-major
-    reshape, and how many positions each channel spans there: the same number of elements in
-    front of it, counted after the batch axis (which must stay first and whole), and a size of
-    ``before[axis] * repeats``, the channel axis merged with the ``repeats`` positions of the
-    axes right after it (a BN's map flattened with its positions: ``(n, c, h, w) -> (n, c*h*w)``
-    repeats each channel's scale ``h*w`` times)."""
+    reshape: the same number of elements in front of it, counted after the batch axis (which
+    must stay first and whole), and the channel axis's size, or its size merged with the
+    positions of the axes right after it (a BN's map flattened with its positions,
+    ``(n, c, h, w) -> (n, c*h*w)``, repeats each channel's scale ``h*w`` times)."""
     if len(after) < 2 or after[0] != before[0] or axis < 1:
         return None
     front = math.prod(before[1:axis])
     for j in range(1, len(after)):
         if math.prod(after[1:j]) != front:
             continue
-        for end in range(axis + 1, len(before) + 1):
-            if after[j] == math.prod(before[axis:end]):
-                return j, math.prod(before[axis + 1:end])
+        if any(after[j] == math.prod(before[axis:end]) for end in range(axis + 1,
+                                                                         len(before) + 1)):
+            return j
     return None
 
 
@@ -66,24 +65,16 @@ def _keeps_batch(ctx: Context, op) -> bool:
     if "like" in op.attrs:
         return isinstance(op.attrs["like"], fx.Node)
     sizes = op.attrs["shape"]
-    if isinstance(sizes, (tuple, list)) and len(sizes) == 1 and isinstance(
-            sizes[0], (tuple, list)):
-        sizes = sizes[0]
-    if not isinstance(sizes, (tuple, list)) or not sizes:
+    if not isinstance(sizes, tuple) or not sizes:
         return False
     first = sizes[0]
     return isinstance(first, fx.Node) or first == -1
 
 
-def _axis_after(ctx: Context, op, axis: int) -> tuple[int, int] | None:
-    """Where the channel axis ``axis`` of the op's input is in its output, and over how many
-    positions each channel repeats there, if the op commutes with a per-channel affine map on
-    that axis; else ``None``."""
-    found = _moved_axis(ctx, op, axis)
-    return (found, 1) if isinstance(found, int) else found
-
-
-def _moved_axis(ctx: Context, op, axis: int) -> int | tuple[int, int] | None:
+def _axis_after(ctx: Context, op, axis: int) -> int | None:
+    """Where the channel axis ``axis`` of the op's input is in its output (alone, or merged with
+    the positions after it), if the op commutes with a per-channel affine map on that axis; else
+    ``None``."""
     before, after = ctx.shape(op.inputs[0]), ctx.shape(ctx.node)
     if before is None or after is None:
         return None
@@ -98,9 +89,8 @@ def _moved_axis(ctx: Context, op, axis: int) -> int | tuple[int, int] | None:
         return d1 if axis == d0 else d0 if axis == d1 else axis
     if op.kind == "permute":
         dims = op.attrs["dims"]
-        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
-            dims = dims[0]
-        if not all(isinstance(d, int) for d in dims) or len(dims) != rank:
+        if not isinstance(dims, tuple) or not all(isinstance(d, int) for d in dims) or len(
+                dims) != rank:
             return None
         order = [d % rank for d in dims]
         return order.index(axis) if order[0] == 0 and sorted(order) == list(range(rank)) else None
@@ -137,11 +127,11 @@ def layout_affine(ctx: Context, op) -> Lin | None:
     before, after = ctx.shape(x), ctx.shape(ctx.node)
     if before is None or after is None or len(after) < 2:
         return None
-    found = _axis_after(ctx, op, _channel_axis(value, len(before)))
-    if found is None:
+    channel = _channel_axis(value, len(before))
+    axis = _axis_after(ctx, op, channel)
+    if axis is None:
         raise NoFold(f"'{ctx.node.name}' ({op.kind}) does not keep the channel axis whole, so a "
                      "per-channel map cannot move past it")
-    axis, repeats = found
     rank = len(after)
     if axis == rank - 1:
         layout = (0, rank > 2)
@@ -152,7 +142,8 @@ def layout_affine(ctx: Context, op) -> Lin | None:
                      f"{rank}, where no conv or linear layer reads them")
     ctx.require("bn_conv")  # the moved map folds into what comes after as "BN then conv"
     k = value.kernel
-    if repeats > 1 and k.out_channels * repeats == after[axis]:  # each channel over positions
+    repeats = after[axis] // before[channel]  # positions merged into the channel axis
+    if repeats > 1 and k.out_channels == before[channel]:  # each channel's scale repeated
         k = K.affine(k.weight.reshape(-1).repeat_interleave(repeats),
                      k.bias.reshape(-1).repeat_interleave(repeats), k.nd, k.channels_last)
     kernel = relay(k, after[axis], layout, k.weight.device)
@@ -164,8 +155,7 @@ def _pooled_view(ctx: Context, op, x: fx.Node) -> Lin | None:
     so that a per-channel map after the pool can move on into the linear layer after it (RepMLP's
     global perceptron: pool -> BN -> flatten -> FC keeps the pool and folds the BN into the FC).
     Where nothing takes the map in, the driver stops the view and the pool becomes a conv."""
-    before, after = ctx.shape(x), ctx.shape(ctx.node)
-    if before is None or after is None or _axis_after(ctx, op, 1) is None:
+    if _axis_after(ctx, op, 1) is None:
         return None
     source = ctx.lin(x)
     return ctx.result(source.kernel, source, rule="layout_affine", through=True)

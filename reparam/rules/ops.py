@@ -471,8 +471,18 @@ def _flatten_fn(b: dict) -> Op:
     return Op("flatten", (b["input"],), dict(start_dim=b["start_dim"], end_dim=b["end_dim"]))
 
 
+def unpacked(sizes):
+    """``x.reshape((a, b))`` and ``x.permute([0, 2, 1])`` read as ``x.reshape(a, b)`` and
+    ``x.permute(0, 2, 1)``: the sizes as one flat tuple (anything else, e.g. one ``x.size()``
+    node, as it is)."""
+    if isinstance(sizes, (tuple, list)) and len(sizes) == 1 and isinstance(sizes[0],
+                                                                            (tuple, list)):
+        sizes = sizes[0]
+    return tuple(sizes) if isinstance(sizes, (tuple, list)) else sizes
+
+
 def _reshape(b: dict) -> Op:
-    return Op("reshape", (b["input"],), dict(shape=b["shape"]))
+    return Op("reshape", (b["input"],), dict(shape=unpacked(b["shape"])))
 
 
 def _reshape_as(b: dict) -> Op:
@@ -496,10 +506,10 @@ RESHAPE = (
     Method(("reshape_as", "view_as"), "input, other", kind="reshape", read=_reshape_as,
            effect=Effect.LAYOUT),
     *(Aten(a, kind="reshape", read=lambda b: Op("reshape", (b["input"],),
-                                                 dict(shape=b["size"])), effect=Effect.LAYOUT)
+                                                 dict(shape=unpacked(b["size"]))),
+           effect=Effect.LAYOUT)
       for a in (aten.view.default, aten._unsafe_view.default)),
-    Aten(aten.reshape.default, kind="reshape", effect=Effect.LAYOUT,
-         read=lambda b: Op("reshape", (b["input"],), dict(shape=b["shape"]))),
+    Aten(aten.reshape.default, kind="reshape", effect=Effect.LAYOUT, read=_reshape),
 )
 """Reshape: ``torch.reshape``, ``x.reshape(...)``, ``x.view(...)``, ``x.reshape_as(y)``,
 ``x.view_as(y)``, ``aten.view``, ``aten.reshape``. Rules read the traced shapes, never these
@@ -511,7 +521,7 @@ def _transpose(b: dict) -> Op:
 
 
 def _permute(b: dict) -> Op:
-    return Op("permute", (b["input"],), dict(dims=tuple(b["dims"])))
+    return Op("permute", (b["input"],), dict(dims=unpacked(b["dims"])))
 
 
 TRANSPOSE = (
@@ -523,8 +533,7 @@ TRANSPOSE = (
          read=lambda b: Op("transpose", (b["input"],), dict(dims=(b["dim0"], b["dim1"])))),
     Function(torch.permute, "input, dims", kind="permute", read=_permute, effect=Effect.LAYOUT),
     Method("permute", "input, *dims", kind="permute", read=_permute, effect=Effect.LAYOUT),
-    Aten(aten.permute.default, kind="permute", effect=Effect.LAYOUT,
-         read=lambda b: Op("permute", (b["input"],), dict(dims=tuple(b["dims"])))),
+    Aten(aten.permute.default, kind="permute", effect=Effect.LAYOUT, read=_permute),
 )
 """Axis moves: ``torch.transpose``, ``x.transpose(a, b)``, ``torch.permute``, ``x.permute(...)``,
 ``aten.transpose``, ``aten.permute``."""

@@ -39,7 +39,7 @@ from ..context import Context
 from ..kernel import Kernel
 from ..pattern import Op
 from ..values import Lin, NoFold, View, rule
-from .common import bn_statistics
+from .common import bn_statistics, branch_sum
 from .ops import ADD, BATCH_NORM, FLATTEN, RESHAPE, SUB
 
 #: the largest FC a conv becomes (weights; 128 MiB in float64)
@@ -53,13 +53,10 @@ def _sizes(ctx: Context, node: fx.Node) -> tuple | None:
     if op is None or op.kind != "reshape" or "shape" not in op.attrs:
         return None
     sizes = op.attrs["shape"]
-    if isinstance(sizes, (tuple, list)) and len(sizes) == 1 and isinstance(sizes[0], (tuple,
-                                                                                      list)):
-        sizes = sizes[0]
-    if not isinstance(sizes, (tuple, list)) or not all(
+    if not isinstance(sizes, tuple) or not all(
             isinstance(s, (int, fx.Node)) and not isinstance(s, bool) for s in sizes):
         return None
-    return tuple(sizes)
+    return sizes
 
 
 def _fixed_sample(ctx: Context, node: fx.Node) -> bool:
@@ -131,16 +128,8 @@ def flat_sum(ctx: Context, op: Op) -> Lin | None:
     if ctx.shape(ra) != ctx.shape(rb) or _sizes(ctx, ra) != _sizes(ctx, rb) or _sizes(
             ctx, ra) is None:
         raise NoFold(f"'{ra.name}' and '{rb.name}' reshape the branches by different sizes")
-    alpha = op.attrs.get("alpha", 1)
-    kb = b.kernel if alpha == 1 and op.kind == "add" else K.scale_out(
-        b.kernel, -alpha if op.kind == "sub" else alpha)
-    if a.kernel.groups != kb.groups:
-        ctx.require("regroup")
-    try:
-        k = K.add([a.kernel, kb])
-    except K.NotExact as e:
-        raise NoFold(str(e)) from e
-    return ctx.result(k, a, b, rule="flat_sum", reshaped=ra)
+    return ctx.result(branch_sum(ctx, op, a.kernel, b.kernel), a, b, rule="flat_sum",
+                      reshaped=ra)
 
 
 def _flat_source(ctx: Context, tiles: fx.Node, before: int) -> fx.Node | None:
