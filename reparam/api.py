@@ -33,6 +33,8 @@ from .progress import Callback, reporting, tick
 from .report import Report
 from .rewrite import fold_graph
 from .rules import ALL
+from .select import Pick, Selected, pick, select_outputs
+from .select import validate as validate_outputs
 from .trace import (
     Traced,
     _uses_autocast,
@@ -166,7 +168,8 @@ def _params(module: nn.Module) -> int:
 
 def fold(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] = ALL,
          verify: bool = True, check: bool = False, max_cost: float = 1.0,
-         leaf_modules: Sequence[str] = (), progress: Callback | None = None) -> nn.Module:
+         leaf_modules: Sequence[str] = (), progress: Callback | None = None,
+         outputs: Pick | None = None) -> nn.Module:
     """Fold every exactly-mergeable linear region of ``model`` into one conv or linear layer.
 
     Returns a new module (a :class:`torch.fx.GraphModule` when the model traces; the input is
@@ -189,16 +192,25 @@ def fold(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] = ALL,
 
     ``progress`` is called as ``progress(stage, done, total)`` while the fold runs (stages and
     counts: :mod:`reparam.progress`), for a progress bar on long folds.
+
+    ``outputs`` narrows what the folded model returns to ``outputs(model(x))`` (e.g.
+    ``lambda out: out[0]``): what only the other outputs need leaves the model, and the fold is
+    verified against that selection of the original's output (:mod:`reparam.select`).
     """
     if progress is not None and not callable(progress):
         raise ReparamError("progress must be a function progress(stage, done, total), or None")
+    validate_outputs(outputs)
     if isinstance(model, torch.export.ExportedProgram):
+        if outputs is not None:
+            raise ReparamError("outputs= does not apply to an ExportedProgram, whose outputs are "
+                               "fixed: export the module that returns what you keep, or fold "
+                               "the module with outputs=")
         with _one_thread(), _no_cyclic_gc(), _clear_errors(model), reporting(progress):
             return _fold_program(model, example_inputs, tuple(rules), check, verify, max_cost)
     _validate(model, rules, max_cost, leaf_modules, verify)
     with _one_thread(), _no_cyclic_gc(), _clear_errors(model), reporting(progress):
         return _fold(model, example_inputs, tuple(rules), check, verify, max_cost,
-                     tuple(leaf_modules))
+                     tuple(leaf_modules), outputs=outputs)
 
 
 def _fold_program(ep: torch.export.ExportedProgram, example_inputs, rules: tuple, check: bool,
@@ -283,12 +295,14 @@ class Job:
     state: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
     # id(module) -> its torch.export capture (or why it failed): made once per fold
     captures: dict = field(default_factory=dict)
+    outputs: Pick | None = None  # fold(..., outputs=): what of the module's output is kept
 
     def sub(self, path: str) -> Job:
-        """The job for the submodule at ``path``: its part of ``keep``, no leaf paths."""
+        """The job for the submodule at ``path``: its part of ``keep``, no leaf paths, its
+        whole output."""
         dot = f"{path}."
         keep = {k[len(dot):]: v for k, v in self.keep.items() if k.startswith(dot)}
-        return replace(self, leaves=(), keep=keep)
+        return replace(self, leaves=(), keep=keep, outputs=None)
 
     def guard(self):
         """Enter before running model code: the caller's tensors are guarded, a private copy's
@@ -314,12 +328,12 @@ class Folded:
 
 
 def _fold(model: nn.Module, example_inputs, rules: tuple, check: bool, verify: bool,
-          max_cost: float, leaf_modules: tuple[str, ...], captures: dict | None = None
-          ) -> nn.Module:
+          max_cost: float, leaf_modules: tuple[str, ...], captures: dict | None = None,
+          outputs: Pick | None = None) -> nn.Module:
     inputs = as_inputs(example_inputs)
     start = time.perf_counter()
     job = Job(rules, max_cost, leaf_modules, verify, protect=Protected(model),
-              recognizer=recognizer_for(rules), captures=dict(captures or {}))
+              recognizer=recognizer_for(rules), captures=dict(captures or {}), outputs=outputs)
     try:
         done = _fold_verified(model, inputs, job)
     except CallerTensorWritten:  # forward writes its own parameters or buffers: use a copy
@@ -339,6 +353,10 @@ def _fold(model: nn.Module, example_inputs, rules: tuple, check: bool, verify: b
                          "that cannot be traced")
     report.params_before, report.params_after = _params(model), _params(folded)
     report.notes += _training_branches(model)
+    if outputs is not None:
+        report.notes.append("outputs=: the folded model returns the selected part of the "
+                            f"output; what only the rest needed is gone ({_params(model):,} "
+                            f"parameters before, {report.params_after:,} after)")
     report.input_shapes = [tuple(t.shape) for t in done.inputs or ()
                            if isinstance(t, torch.Tensor)]
     report.fold_seconds = time.perf_counter() - start
@@ -363,20 +381,20 @@ def _training_branches(model: nn.Module) -> list[str]:
 
 
 def explain(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] = ALL,
-            max_cost: float = 1.0) -> Report:
+            max_cost: float = 1.0, outputs: Pick | None = None) -> Report:
     """What ``fold`` would do: regions folded, linear ops left with reasons, params and MACs.
 
     ``.max_error`` is ``max |folded - original| / max |original|``, the folded model in its own
     dtype against the original run in float64, on ``example_inputs`` (or on random inputs of the
     guessed shape).
     """
-    folded = fold(model, example_inputs, rules=rules, max_cost=max_cost)
+    folded = fold(model, example_inputs, rules=rules, max_cost=max_cost, outputs=outputs)
     report = folded.reparam_report
     inputs = as_inputs(example_inputs)
     if inputs is None:  # measured on random inputs of the shapes fold guessed
         inputs = tuple(torch.randn(s, dtype=_dtype(model)) for s in report.input_shapes)
     with _one_thread(), _clear_errors(model):
-        report.max_error = max_error(model, folded, inputs)
+        report.max_error = max_error(model, folded, inputs, outputs=outputs)
     return report
 
 
@@ -415,14 +433,15 @@ def _keep_hooks(folded: nn.Module, model: nn.Module) -> None:
 
 
 def _eager(model: nn.Module, inputs: tuple, job: Job):
-    """The model's own output on (copies of) ``inputs``: the reference a fold must match. Its
-    ``forward``, as torch.fx traces it: its own hooks run the same on the folded form."""
+    """The model's own output on (copies of) ``inputs`` (the part ``outputs=`` keeps): the
+    reference a fold must match. Its ``forward``, as torch.fx traces it: its own hooks run the
+    same on the folded form."""
     def run():
         with job.guard(), torch.no_grad():
             return light_copy(model).forward(*clone_inputs(inputs))
 
     try:
-        return _seeded(model, run)
+        out = _seeded(model, run)
     except CallerTensorWritten:
         raise
     except Exception as e:  # noqa: BLE001 - the model's own code
@@ -430,6 +449,7 @@ def _eager(model: nn.Module, inputs: tuple, job: Job):
             f"{type(model).__name__} raised {type(e).__name__} on the example inputs "
             f"({str(e).strip().splitlines()[0] if str(e).strip() else ''}); pass example_inputs "
             "that the model accepts") from e
+    return pick(job.outputs, out, type(model).__name__)
 
 
 def _run(module: nn.Module, inputs: tuple, job: Job):
@@ -493,6 +513,8 @@ def _ill_conditioned(model: nn.Module, done: Folded, got, job: Job, dtype: torch
                 else t for t in done.used)
     job64 = replace(job, protect=None, verify=False)
     want = _run(m64, x64, job64)
+    if job.outputs is not None and not isinstance(want, Exception):
+        want = pick(job.outputs, want, type(model).__name__)
     if isinstance(want, Exception):
         return False
     try:
@@ -503,6 +525,8 @@ def _ill_conditioned(model: nn.Module, done: Folded, got, job: Job, dtype: torch
     nudged = tuple(t * (1 + 1e-12) if isinstance(t, torch.Tensor) and t.is_floating_point()
                    else t for t in x64)
     moved = _run(m64, nudged, job64)
+    if job.outputs is not None and not isinstance(moved, Exception):
+        moved = pick(job.outputs, moved, type(model).__name__)
     e_chaos = 0.0 if isinstance(moved, Exception) else relative_error(moved, want)
     if not e64 <= max(tolerance(SCREEN, torch.float64), 1e4 * e_chaos):
         return False
@@ -553,6 +577,8 @@ def _fold_traced(model: nn.Module, traced: Traced, inputs: tuple, job: Job, capt
                                                 f"{' and others' if len(failed) > 3 else ''}"))
             return done
     root, graph = traced.root, traced.graph
+    if job.outputs is not None:  # the model that returns what the caller keeps
+        select_outputs(graph, job.outputs, type(model).__name__)
     hooks, leaf_inputs = _capture_leaf_inputs(root, [p for p, _ in traced.untraced])
     job.guard()  # reset a private copy's state before the run
     tick("running")
@@ -647,11 +673,14 @@ def _suspicious(model: nn.Module, graph: fx.Graph) -> bool:
 @dataclass
 class Calls:
     """One run of a module with its children watched: the positional arguments of each module
-    its own ``forward`` calls (copies, first call), in call order, and whether the run finished."""
+    its own ``forward`` calls (copies, first call), in call order, whether the run finished, and
+    the module whose output object the module itself returned (YOLO's head, whose output
+    ``_predict_once`` returns)."""
 
     args: dict[str, tuple] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)
     ran: bool = False
+    returns: str | None = None
 
 
 def _record_calls(root: nn.Module, inputs: tuple | None, job: Job) -> Calls:
@@ -672,18 +701,27 @@ def _record_calls(root: nn.Module, inputs: tuple | None, job: Job) -> Calls:
 
         return hook
 
-    def after(module, args, output):
-        depth[0] -= 1
+    last: list = [None, None]  # the last call the root's own forward made: path, output
+
+    def after(path: str):
+        def hook(module, args, output):
+            depth[0] -= 1
+            if depth[0] == 0:
+                last[:] = [path, output]
+
+        return hook
 
     handles = []
     for path, m in root.named_modules():
         if path:
             handles.append(m.register_forward_pre_hook(before(path), with_kwargs=True))
-            handles.append(m.register_forward_hook(after, always_call=True))
+            handles.append(m.register_forward_hook(after(path), always_call=True))
     try:
         with job.guard(), torch.no_grad():
-            root(*clone_inputs(inputs))
+            out = root(*clone_inputs(inputs))
         calls.ran = True
+        if last[1] is out and not isinstance(out, (int, float, bool, str, type(None))):
+            calls.returns = last[0]
     except CallerTensorWritten:
         raise
     except Exception:  # noqa: BLE001 - what ran before the failure is still useful
@@ -769,24 +807,42 @@ def _fold_children(model: nn.Module, root: nn.Module, inputs, job: Job, why: str
     a part whose folded form breaks it or changes its output is put back."""
     report = Report(untraced=[("", why)])
     swaps: list[tuple[nn.Module, str, nn.Module, str]] = []
-    _fold_tree(root, "", calls, job, report, swaps)
+    head = calls.returns if job.outputs is not None else None
+    _fold_tree(root, "", calls, job, report, swaps, head)
+    pushed = next((s for s in swaps if s[3] == head), None)
+
+    def selected() -> bool:  # the part whose output the root returns returns the selection
+        return pushed is not None and pushed[0]._modules[pushed[1]] is not pushed[2]
+
+    def view(out):
+        if job.outputs is None or selected():
+            return out
+        return pick(job.outputs, out, type(model).__name__)
+
     if job.verify and inputs is not None and swaps:
         reference = _eager(model, inputs, job)
-        err = _put_back_breaking(root, swaps, inputs, reference, job, report, _dtype(model))
+        err = _put_back_breaking(root, swaps, inputs, reference, job, report, _dtype(model),
+                                 view)
         if err <= tolerance(SCREEN, _dtype(model)):
             report.verified_error = err
         else:  # every part is its original again: the copy itself differs (state, chaos)
             report.notes.append(f"verification: {type(model).__name__}'s own forward gives "
                                 f"{err:.2g} apart from itself on a copy of it; its parts were "
                                 "kept as they were")
+    if job.outputs is not None and not selected():
+        report.notes.append(f"outputs=: {type(model).__name__}'s output is not one part's "
+                            "output, so the selection could not go inside: the folded model "
+                            "is wrapped in reparam.select.Selected")
+        return Folded(Selected(root, job.outputs), report, inputs, None)
     return Folded(root, report, inputs, None)  # root is a copy: it has the model's hooks
 
 
 def _fold_tree(module: nn.Module, path: str, calls: Calls, job: Job, report: Report,
-               swaps: list) -> None:
+               swaps: list, head: str | None = None) -> None:
     """Fold the children of ``module`` in place: each one its parent called, on what it
     received; inside each container and each module called otherwise (keywords, or not at all
-    by the parent itself)."""
+    by the parent itself). The part at ``head`` (whose output the root returns) is folded with
+    the job's ``outputs``."""
     children = list(module.named_children())
     for i, (name, child) in enumerate(children):
         where = f"{path}.{name}" if path else name
@@ -796,24 +852,32 @@ def _fold_tree(module: nn.Module, path: str, calls: Calls, job: Job, report: Rep
         args = calls.args.get(where)
         inside = any(p.startswith(where + ".") for p in calls.order)
         if args is None and (inside or isinstance(child, (nn.ModuleList, nn.ModuleDict))):
-            _fold_tree(child, where, calls, job, report, swaps)
+            _fold_tree(child, where, calls, job, report, swaps, head)
             continue
-        folded = _fold_child(child, args, job.sub(where), report, where)
+        sub = job.sub(where)
+        if where == head:
+            sub = replace(sub, outputs=job.outputs)
+        folded = _fold_child(child, args, sub, report, where)
         if folded is not None:
             swaps.append((module, name, child, where))
             module._modules[name] = folded
 
 
 def _put_back_breaking(root: nn.Module, swaps, inputs, reference, job: Job, report: Report,
-                       dtype: torch.dtype) -> float:
+                       dtype: torch.dtype, view: Callable = lambda out: out) -> float:
     """Put back the original part wherever the folded one makes the root fail or differ; a
     container put back that way (an ``nn.Sequential`` the root also iterates or indexes) is then
     folded item by item, so that it stays what it was. Returns the root's error at its last
-    run (``inf`` where it raised)."""
+    run (``inf`` where it raised); ``view`` is what of the root's output is compared."""
     last = [float("inf")]
 
     def ok() -> bool:
         got = _run(root, inputs, job)
+        if not isinstance(got, Exception):
+            try:
+                got = view(got)
+            except ReparamError as e:
+                got = e
         last[0] = float("inf") if isinstance(got, Exception) else relative_error(got, reference)
         return last[0] <= tolerance(SCREEN, dtype)
 
@@ -958,9 +1022,11 @@ def _run64(module: nn.Module, inputs: tuple):
         return m(*args)
 
 
-def max_error(original: nn.Module, folded: nn.Module, inputs: tuple) -> float:
-    """The folded model (its own dtype) against the original run in float64."""
-    want = _run64(original, clone_inputs(inputs))
+def max_error(original: nn.Module, folded: nn.Module, inputs: tuple, *,
+              outputs: Pick | None = None) -> float:
+    """The folded model (its own dtype) against the original run in float64 (``outputs`` of
+    it, for a model folded with ``outputs=``)."""
+    want = pick(outputs, _run64(original, clone_inputs(inputs)), type(original).__name__)
     with torch.no_grad():
         got = folded(*clone_inputs(inputs))
     return relative_error(got, want)
@@ -979,7 +1045,8 @@ def _check(model: nn.Module, inputs: tuple, job: Job, report: Report, tol: float
     folded, sub = done.module, done.report
     with torch.no_grad():  # both draw the same random numbers (rand_like, train-mode dropout)
         got = _seeded(original, lambda: folded(*clone_inputs(inputs)))
-        err = relative_error(got, _seeded(original, lambda: original(*clone_inputs(inputs))))
+        want = _seeded(original, lambda: original(*clone_inputs(inputs)))
+        err = relative_error(got, pick(job.outputs, want, type(model).__name__))
     if err <= tol:
         return
     bad = divergences(done.captured or {}, torch.float64)

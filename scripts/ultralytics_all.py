@@ -209,6 +209,21 @@ def _compare(model: nn.Module, refs: dict, xs: dict) -> dict:
     return row
 
 
+def fuse_outputs(model: nn.Module):
+    """What ``model.fuse()`` leaves the output of an end-to-end head (YOLOv10, YOLO26) as a
+    selection for ``fold(..., outputs=)``: the predictions and the raw output of the branch they
+    come from (``fuse()`` deletes the other one); ``None`` for a head with one branch."""
+    head = model.model[-1]
+    if getattr(head, "one2one_cv2", None) is None:
+        return None
+    kept = "one2one" if head.end2end else "one2many"
+
+    def as_fuse_returns(out):
+        return out[0], out[1][kept]
+
+    return as_fuse_returns
+
+
 def measure(name: str, task: str, seed: int = 0) -> dict:
     """Everything one table row needs, for one model."""
     model = build(name, seed)
@@ -245,6 +260,15 @@ def measure(name: str, task: str, seed: int = 0) -> dict:
         row["regions"] = len(report.regions)
         row["untraced"] = [(p, r[:160]) for p, r in report.untraced][:6]
         row["n_untraced"] = len(report.untraced)
+    pick = fuse_outputs(model)
+    if pick is not None:  # the same fold, shipping what fuse() ships
+        del folded
+        start = time.perf_counter()
+        lean = reparam.fold(model, xs["a"], outputs=pick)
+        row["outputs_s"] = time.perf_counter() - start
+        picked = {k: {"out": pick(r["out"]), "structure": structure(_run(fused, xs[k]))}
+                  for k, r in refs.items()}
+        row["outputs"] = {**counts(lean), **_compare(lean, picked, xs)}
     return row
 
 
@@ -293,6 +317,25 @@ def render(rows: list[dict], meta: dict) -> str:
             f"| {r['model']} | {r['task']} | {r['sizes'][0]}, {r['sizes'][1]} | "
             f"{r['before']['params']:,} | {fu['params']:,} | {fold_cols} | "
             f"{r['fuse_s']:.2f} | {r['fold_s']:.2f} |")
+    lean = [r for r in rows if "outputs" in r]
+    if lean:
+        lines += [
+            "", "## End-to-end heads, folded with `outputs=`", "",
+            "YOLOv10's and YOLO26's heads return both branches in eval mode; `fuse()` deletes "
+            "the one their predictions do not use, changing the output. "
+            "`reparam.fold(model, x, outputs=fuse_outputs(model))` (the script's selection: the "
+            "predictions and the raw output of their branch) ships what `fuse()` ships; *same* "
+            "compares its output tree with `fuse()`'s, *err* is against the same selection of a "
+            "float64 run of the original.", "",
+            "| model | params fuse | params fold, outputs= | conv / BN fuse | "
+            "conv / BN fold, outputs= | err fold, outputs= | same as fuse | fold s |",
+            "|---|---:|---:|---|---|---|---|---:|"]
+        for r in lean:
+            o = r["outputs"]
+            lines.append(
+                f"| {r['model']} | {r['fuse']['params']:,} | {o['params']:,} | "
+                f"{_cb(r['fuse'])} | {_cb(o)} | {_e(o['err_a'])}, {_e(o['err_b'])} | "
+                f"{'yes' if o['same_structure'] else 'no'} | {r['outputs_s']:.2f} |")
     failed = [r for r in rows if "error" in r or "fold_error" in r]
     if failed:
         lines += ["", "## Errors", "", "| model | where | error |", "|---|---|---|"]

@@ -493,13 +493,19 @@ class RoutedNet(nn.Module):
         self.names = {c: f"class{c}" for c in range(nc)}
 
     def forward(self, x: torch.Tensor):
-        y: list[torch.Tensor | None] = []
-        for m in self.model:
-            if m.f != -1:
-                x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
-            x = m(x)
-            y.append(x if m.i in self.save else None)
-        return x
+        return run_routed(self.model, self.save, x)
+
+
+def run_routed(layers: nn.Sequential, save: list[int], x):
+    """Ultralytics' ``_predict_once``: each layer reads ``y[m.f]`` (or a list of earlier
+    outputs), and the outputs listed in ``save`` are kept for later layers."""
+    y: list[torch.Tensor | None] = []
+    for m in layers:
+        if m.f != -1:
+            x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
+        x = m(x)
+        y.append(x if m.i in save else None)
+    return x
 
 
 # --- YOLOv7: implicit add and multiply around the head's 1x1 convs ----------------------------

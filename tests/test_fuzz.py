@@ -931,9 +931,14 @@ def run(model: nn.Module, x: torch.Tensor):
         return model(x.clone())
 
 
-def check_program(case: Case) -> None:
+def check_program(case: Case, pick=None) -> None:
+    """Fold ``case`` in float64 (unverified) and float32 (verified) and compare both with a
+    float64 run of the original; with ``pick``, fold with ``outputs=pick`` and compare with
+    ``pick`` of the original's output."""
     m64, x64 = case.model, case.x
     want = run(m64, x64)
+    if pick is not None:
+        want = pick(want)
     note(repr(case))
     COUNTS["graphs"] += 1
     if COUNTS["graphs"] % 50 == 0:
@@ -942,7 +947,8 @@ def check_program(case: Case) -> None:
         example = x64.clone()
         try:
             # verify=False: the engine must be right on its own, not saved by the safety net
-            folded = reparam.fold(m64, (example,), leaf_modules=m64.leaves, verify=False)
+            folded = reparam.fold(m64, (example,), leaf_modules=m64.leaves, verify=False,
+                                  outputs=pick)
         except reparam.ReparamError as e:
             # `t += c` makes the fx trace differ from eager mode: refusing is right
             if any(ins[0] == "aug" for ins in m64.code) and "eager" in str(e):
@@ -956,10 +962,11 @@ def check_program(case: Case) -> None:
         COUNTS["regions"] += len(folded.reparam_report.regions)
 
         m32 = copy.deepcopy(m64).float()
-        folded32 = reparam.fold(m32, (x64.float(),), leaf_modules=m32.leaves)
+        folded32 = reparam.fold(m32, (x64.float(),), leaf_modules=m32.leaves, outputs=pick)
         assert all(p.dtype == torch.float32 for p in folded32.parameters())
         err32 = rel_error(run(folded32, x64.float()), want)
-        base32 = rel_error(run(m32, x64.float()), want)  # float32 rounding of the original
+        base32 = run(m32, x64.float())
+        base32 = rel_error(base32 if pick is None else pick(base32), want)  # float32 rounding
         assert err32 <= max(TOL32, 10 * base32), (
             f"float32 fold off by {err32:.3g} (unfolded float32: {base32:.3g})")
         assert torch.equal(example, x64), "fold wrote into the example input"
@@ -984,6 +991,22 @@ def test_random_graph_folds_exactly(case):
 def test_random_blocks_fold_exactly(case):
     """Block-heavy programs: several multi-branch blocks in a row, 2d (where most models live)."""
     check_program(case)
+
+
+@settings(max_examples=max(EXAMPLES // 4, 10))
+@given(programs(), st.data())
+def test_random_graph_keeps_the_outputs_selected(case, data):
+    """``fold(..., outputs=)`` returning some of the outputs: the others' ops go (writers and
+    random draws stay), and what is kept is exact."""
+    n = len(case.model.outputs)
+    keep = data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n, unique=True),
+                     label="keep")
+
+    def pick(out):
+        outs = (out,) if n == 1 else out
+        return tuple(outs[i] for i in keep)
+
+    check_program(case, pick)
 
 
 @pytest.mark.parametrize("nd", [1, 3])

@@ -76,3 +76,30 @@ def test_fold_does_as_well_as_ultralytics_fuse(rows, name):
     assert fold["err_b"] is not None and fold["err_b"] < TOL, fold.get("run_error_b")
     assert fold["same_structure"]
     assert fold["params"] <= row["fuse"]["params"]
+
+
+@pytest.mark.slow
+def test_an_end_to_end_head_folds_to_fuse_with_outputs():
+    """YOLOv10's head returns its one-to-many branch in eval mode, which ``fuse()`` deletes;
+    ``outputs=`` selecting what ``fuse()`` returns folds to fuse()'s parameters exactly."""
+    import copy
+
+    import torch
+
+    import reparam
+
+    model = UA.build("yolov10n")
+    fused_outputs = UA.fuse_outputs(model)  # the predictions and the branch fuse() keeps
+    fused = copy.deepcopy(model).fuse(verbose=False)
+    x = torch.randn(1, 3, 160, 160)
+    folded = reparam.fold(model, x, outputs=fused_outputs)
+    assert type(folded) is type(model)
+    assert UA.counts(folded) == UA.counts(fused)  # parameters, convs, 0 BN
+    model64 = copy.deepcopy(model).double()
+    for size in (160, 224):
+        xs = torch.randn(1, 3, size, size)
+        with torch.no_grad():
+            got, want = folded(xs), fused_outputs(model64(xs.double()))
+        assert UA.structure(got) == UA.structure(fused(xs))
+        for g, w in zip(UA.tensors(got), UA.tensors(want), strict=True):
+            assert (g.double() - w).abs().max() <= TOL * w.abs().max()

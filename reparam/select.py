@@ -1,0 +1,89 @@
+"""``fold(model, outputs=pick)``: fold the model that returns ``pick(model(x))``.
+
+A model may return more than its deploy path reads: YOLOv10's and YOLO26's end-to-end heads
+return their one-to-many branch in eval mode beside the one-to-one predictions, and a network
+may return auxiliary heads or features. The fold computes exactly what the model returns, so it
+keeps them; ``outputs=`` says what is shipped instead. Whatever only the dropped outputs need
+then leaves the folded model (the graph's dead code), and verification compares the folded
+model with ``pick`` of the original's output.
+
+``pick`` is a function of the model's output: usually indexing (``lambda out: out[0]``,
+``lambda out: (out[0], out[1]["one2one"])``). In a traced graph it runs once on the graph's
+output nodes, so any tensor code it has is traced into the graph; a model folded part by part
+carries the selection into the part that produces the model's output, else the folded model is
+wrapped in :class:`Selected`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import fx, nn
+
+from .errors import ReparamError
+
+Pick = Callable[[Any], Any]
+
+
+class Selected(nn.Module):
+    """``outputs(model(*args))``: a folded model whose output the caller narrowed with
+    ``fold(..., outputs=...)`` where the selection could not go into its graph."""
+
+    def __init__(self, model: nn.Module, outputs: Pick) -> None:
+        super().__init__()
+        self.model = model
+        self.outputs = outputs
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.outputs(self.model(*args, **kwargs))
+
+
+def validate(outputs: object) -> None:
+    if outputs is not None and not callable(outputs):
+        raise ReparamError("outputs must be a function of the model's output that returns what "
+                           "to keep, e.g. outputs=lambda out: out[0], or None (keep everything)")
+
+
+def pick(outputs: Pick | None, value: Any, where: str) -> Any:
+    """``outputs(value)`` (``value`` itself when there is no selection), with the caller's
+    error said in words."""
+    if outputs is None:
+        return value
+    try:
+        return outputs(value)
+    except Exception as e:  # noqa: BLE001 - the caller's function
+        raise ReparamError(
+            f"outputs= raised {type(e).__name__} ({str(e).strip()[:200]}) on the output of "
+            f"{where}; it is called with what the model returns (a tensor, or a tuple, list or "
+            "dict of them) and must return what to keep") from e
+
+
+def select_outputs(graph: fx.Graph, outputs: Pick, where: str) -> None:
+    """Narrow ``graph``'s output to ``outputs`` of it: the function runs once on proxies of the
+    output nodes (indexing picks nodes, tensor code becomes nodes before the output)."""
+    out = next(n for n in reversed(graph.nodes) if n.op == "output")
+    tracer = fx.proxy.GraphAppendingTracer(graph)
+    structure = fx.node.map_arg(out.args[0], lambda n: fx.Proxy(n, tracer))
+    with graph.inserting_before(out):
+        chosen = pick(outputs, _thawed(structure), where)
+        try:
+            value = tracer.create_arg(chosen)
+        except Exception as e:  # noqa: BLE001 - what the caller's function returned
+            raise ReparamError(
+                f"outputs= returned a {type(chosen).__name__}, which a graph cannot return: "
+                "return tensors, or tuples, lists and dicts of them") from e
+    out.args = (value,)
+
+
+def _thawed(value: Any) -> Any:
+    """torch.fx's immutable lists and dicts as plain ones, so that ``pick`` sees what the
+    model returns."""
+    if isinstance(value, dict):
+        return {k: _thawed(v) for k, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_thawed(v) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_thawed(v) for v in value) if isinstance(value, tuple) else [
+            _thawed(v) for v in value]
+    return value
