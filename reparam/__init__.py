@@ -11,12 +11,13 @@ from .deploy import save
 from .errors import CheckError, GuardError, ReparamError, TraceError
 from .kernel import NotExact
 from .report import Leftover, Region, Report
+from .select import Keep
 from .values import NoFold, Rule, law, rule
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckError", "GuardError", "Leftover", "NoFold", "NotExact", "Region", "ReparamError",
+    "CheckError", "GuardError", "Keep", "Leftover", "NoFold", "NotExact", "Region", "ReparamError",
     "Report", "Rule", "TraceError",
     "count_macs", "count_ops", "explain", "fold", "kernel", "law", "max_error", "models", "rule",
     "rules", "save",

@@ -62,7 +62,14 @@ def check_inputs(specs: tuple, guards: tuple[str, ...], names: tuple[str, ...], 
                  *tensors: torch.Tensor) -> None:
     """Raise :class:`GuardError` unless the inputs are what the capture is valid for: each
     tensor as ``specs`` says (see :class:`InputSpec`), and each of torch.export's ``guards`` on
-    the arguments (Python expressions such as ``L['x'].size()[2] % 2 == 0``) true."""
+    the arguments (Python expressions such as ``L['x'].size()[2] % 2 == 0``) true.
+
+    Called on proxies (``torch.load`` traces a pickled graph module again to rebuild its
+    graph), it records itself as a node instead, so that the loaded model keeps its guard."""
+    proxy = next((t for t in (*args, *tensors) if isinstance(t, fx.Proxy)), None)
+    if proxy is not None:
+        return proxy.tracer.create_proxy("call_function", check_inputs,
+                                         (specs, guards, names, args, *tensors), {})
     symbols: dict[str, int] = {}
     derived: list[tuple[str, int, int, str]] = []
     for i, (spec, t) in enumerate(zip(specs, tensors, strict=True)):

@@ -33,6 +33,7 @@ from .errors import ReparamError
 from .files import load_weights, read_model
 from .nodes import dtype_of, shape_of
 from .report import Report
+from .select import Keep
 
 RULE_SETS = {"repvgg": rules.REPVGG, "acnet": rules.ACNET, "dbb": rules.DBB, "all": rules.ALL}
 
@@ -212,12 +213,14 @@ def fold_and_measure(model: nn.Module, args: argparse.Namespace, *, check: bool 
     and the inputs used (the given shapes, else the ones ``fold`` guessed). With ``measure``,
     the max error on those inputs is set on the report, as ``explain`` does."""
     inputs = make_inputs(_as_module(model), args.input_shape)
+    outputs = Keep(*args.outputs) if args.outputs else None
     folded = fold(model, inputs, rules=RULE_SETS[args.rules], max_cost=args.max_cost,
-                  check=check, progress=status)
+                  check=check, progress=status, outputs=outputs)
     report = folded.reparam_report
     inputs = inputs if inputs is not None else guessed_inputs(folded)
     if measure and inputs is not None:
-        report.max_error = max_error(_as_module(model), _as_module(folded), inputs)
+        report.max_error = max_error(_as_module(model), _as_module(folded), inputs,
+                                     outputs=outputs)
     return folded, report, inputs
 
 
@@ -442,6 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "from the first layer")
     common.add_argument("--max-cost", type=_ratio, default=1.0, metavar="R",
                         help="largest folded/original multiply-add ratio per region (default 1)")
+    common.add_argument("--outputs", action="append", metavar="PATH",
+                        help="keep only this part of the model's output: indices and keys "
+                             "joined by dots, e.g. 0 or 1.one2many (repeat for a tuple of "
+                             "several); what only the rest needs leaves the folded model")
     common.add_argument("--seed", type=int, default=0,
                         help="random seed for builder weights and inputs (default 0)")
     common.add_argument("--threads", type=int, default=1, metavar="N",

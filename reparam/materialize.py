@@ -108,6 +108,7 @@ class Materializer:
         self.captured: dict[str, tuple] = {}  # region output -> (its ops, module, source)
         self.views: dict[tuple, fx.Node] = {}  # (base, the chain so far) -> its op made anew
         self.clone_of: dict[fx.Node, fx.Node] = {}  # a view's op made anew -> the original
+        self.dead: set[fx.Node] = set()  # ops erased because nothing returns what they compute
 
     def run(self) -> list[Made]:
         ir, a, graph = self.ir, self.a, self.graph
@@ -293,6 +294,8 @@ class Materializer:
                 continue
             if node in removed or node in consts or node.op == "get_attr" or not _impure(node):
                 self.graph.erase_node(node)
+                if node not in removed:
+                    self.dead.add(node)
 
     def _memory_format(self, node: fx.Node) -> torch.memory_format | None:
         """The channels-last format of a conv's weight (kept by the module that replaces it)."""

@@ -67,7 +67,8 @@ def _rewrite(root: nn.Module, graph: fx.Graph, rules: Sequence[Rule], max_cost: 
         captured.update(materializer.captured)
     report = Report(regions=name_modules(root, graph, made), ops_before=ops_before)
     report.ops_after = _ops_after(ir, graph, made, materializer.clone_of)
-    for node in ir.ordered(reasons):
+    # an op nothing returns went with the dead code: not a leftover
+    for node in ir.ordered(n for n in reasons if n not in materializer.dead):
         entry = ir.entries.get(node)
         item = Leftover(node.name, entry.kind if entry is not None else node.op, reasons[node])
         (report.joins if node in joins else report.leftovers).append(item)

@@ -8,15 +8,17 @@ then leaves the folded model (the graph's dead code), and verification compares 
 model with ``pick`` of the original's output.
 
 ``pick`` is a function of the model's output: usually indexing (``lambda out: out[0]``,
-``lambda out: (out[0], out[1]["one2one"])``). In a traced graph it runs once on the graph's
-output nodes, so any tensor code it has is traced into the graph; a model folded part by part
-carries the selection into the part that produces the model's output, else the folded model is
-wrapped in :class:`Selected`.
+``lambda out: (out[0], out[1]["one2one"])``, or :class:`Keep` ``("0", "1.one2one")``, which
+pickles and is what the command line's ``--outputs`` builds). In a traced graph it runs once on
+the graph's output nodes, so any tensor code it has is traced into the graph; a model folded
+part by part carries the selection into the part that produces the model's output, else the
+folded model is wrapped in :class:`Selected`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from torch import fx, nn
@@ -37,6 +39,45 @@ class Selected(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.outputs(self.model(*args, **kwargs))
+
+
+@dataclass(frozen=True, init=False)
+class Keep:
+    """A selection by paths into the output: ``Keep("0", "1.one2many")`` is
+    ``lambda out: (out[0], out[1]["one2many"])``, and one path gives the value itself. Each step
+    is an index of a tuple or list (negative counts from the end) or a key of a dict. Unlike a
+    lambda it pickles, and it is what the command line's ``--outputs`` builds."""
+
+    paths: tuple[str, ...]
+
+    def __init__(self, *paths: str) -> None:
+        if not paths or not all(isinstance(p, str) and p.strip(".") for p in paths):
+            raise ReparamError("Keep takes one or more paths into the output, each a string of "
+                               "indices and keys joined by dots, e.g. Keep('0', '1.one2many')")
+        object.__setattr__(self, "paths", paths)
+
+    def __call__(self, out: Any) -> Any:
+        got = tuple(_walk(out, path) for path in self.paths)
+        return got[0] if len(got) == 1 else got
+
+
+def _walk(value: Any, path: str) -> Any:
+    for step in path.split("."):
+        if isinstance(value, dict):
+            key: Any = step
+            if step not in value and _is_int(step) and int(step) in value:
+                key = int(step)
+            value = value[key]
+        elif _is_int(step):
+            value = value[int(step)]
+        else:
+            raise KeyError(f"'{step}' of '{path}' is not an index, and the value there is a "
+                           f"{type(value).__name__}, not a dict")
+    return value
+
+
+def _is_int(step: str) -> bool:
+    return step.lstrip("-").isdigit()
 
 
 def validate(outputs: object) -> None:

@@ -580,3 +580,25 @@ def test_a_bn_after_a_shared_sum_moves_on_into_the_linear_layer():
     assert reparam.count_ops(folded).get("batch_norm", 0) == 0
     with torch.no_grad():
         assert (folded(x) - model(x)).abs().max() < 1e-5
+
+
+def test_a_folded_model_with_a_captured_part_loads_from_a_pickle(tmp_path):
+    """R21: ``torch.load`` rebuilds a pickled graph module by tracing its code again; the guard
+    of a part captured with torch.export (DBB's BN-and-pad by slice assignment, a YOLO head)
+    then ran on proxies and raised, so such a folded model saved as ``.pt`` (yolov8n's too) did
+    not load. The guard now records itself as a node when traced, and the loaded model still
+    refuses inputs outside the capture."""
+    from deployed_blocks import SliceAssignDBB
+
+    model = randomize_bn(nn.Sequential(SliceAssignDBB(4, 4), nn.ReLU())).eval()
+    x = torch.randn(1, 4, 8, 8)
+    folded = reparam.fold(model, x)
+    assert folded.reparam_report.captured, "the block is captured with torch.export"
+    reparam.save(folded, tmp_path / "dbb.pt")
+    loaded = torch.load(tmp_path / "dbb.pt", weights_only=False)
+    with torch.no_grad():
+        for size in (8, 11):
+            xs = torch.randn(2, 4, size, size)
+            assert (loaded(xs) - model(xs)).abs().max() < 1e-5
+    with pytest.raises(reparam.GuardError, match="float64"):
+        loaded.double()(x.double())

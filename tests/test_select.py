@@ -208,3 +208,71 @@ def test_outputs_errors_say_what_to_pass():
     ep = torch.export.export(model, (x,))
     with pytest.raises(reparam.ReparamError, match="ExportedProgram"):
         reparam.fold(ep, outputs=lambda out: out[0])
+
+
+# --- Keep: a selection by paths, which pickles; the command line's --outputs ----------------------
+
+
+def test_keep_walks_indices_and_keys():
+    out = (torch.zeros(1), {"one2many": torch.ones(2), 3: torch.ones(3)}, [torch.ones(4)])
+    assert reparam.Keep("0")(out) is out[0]
+    assert reparam.Keep("1.one2many")(out) is out[1]["one2many"]
+    assert reparam.Keep("1.3", "-1.0")(out) == (out[1][3], out[2][0])
+    with pytest.raises(KeyError, match="not an index"):
+        reparam.Keep("x")(out)
+    with pytest.raises(reparam.ReparamError, match="one or more paths"):
+        reparam.Keep()
+
+
+def test_a_wrapped_model_with_keep_saves_and_loads(tmp_path):
+    model = randomize_bn(Returned()).eval()
+    x = torch.randn(1, 3, 16, 16)
+    folded = reparam.fold(model, x, outputs=reparam.Keep("0.1.one2one"))
+    assert isinstance(folded, Selected)
+    reparam.save(folded, tmp_path / "lean.pt", (x,))
+    loaded = torch.load(tmp_path / "lean.pt", weights_only=False)
+    assert rel_err(loaded(x), run64(model, x)[0][1]["one2one"]) < 1e-5
+
+
+TWO_HEADS = '''
+from torch import nn
+
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.aux = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return {"main": y.relu(), "aux": self.aux(y)}
+
+
+def build():
+    return TwoHeads().eval()
+'''
+
+
+def test_the_command_line_keeps_the_outputs_it_names(tmp_path, monkeypatch, capsys):
+    from reparam.cli import main
+
+    (tmp_path / "two_heads.py").write_text(TWO_HEADS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert main(["fold", "two_heads:build", "--input-shape", "1,3,8,8", "--outputs", "main",
+                 "-o", "lean.pt"]) == 0
+    out = capsys.readouterr().out
+    assert "params    432 -> 112" in out, out
+    assert "aux" not in out, "a dropped op is not a leftover"
+    folded = torch.load(tmp_path / "lean.pt", weights_only=False)
+    torch.manual_seed(0)  # the command line builds with --seed 0
+    import two_heads
+
+    model = two_heads.build()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert rel_err(folded(x), model(x)["main"]) < 1e-5
+    assert main(["explain", "two_heads:build", "--input-shape", "1,3,8,8",
+                 "--outputs", "nope"]) != 0
+    assert "outputs= raised KeyError" in capsys.readouterr().err
