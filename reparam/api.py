@@ -803,8 +803,10 @@ def _fold_untraceable(model: nn.Module, inputs: tuple | None, job: Job, why: str
 def _fold_children(model: nn.Module, root: nn.Module, inputs, job: Job, why: str,
                    calls: Calls) -> Folded:
     """Fold each part of ``root`` (a light copy of ``model``) on the arguments it received;
-    containers item by item; keep ``root``'s own forward, and verify it with its folded parts:
-    a part whose folded form breaks it or changes its output is put back."""
+    containers item by item; keep ``root``'s own forward, and verify it with its folded parts,
+    with ``verify=False`` too (only running it shows how the root's code uses its parts: it may
+    test a part's class): a part whose folded form breaks it or changes its output is put
+    back."""
     report = Report(untraced=[("", why)])
     swaps: list[tuple[nn.Module, str, nn.Module, str]] = []
     head = calls.returns if job.outputs is not None else None
@@ -819,7 +821,7 @@ def _fold_children(model: nn.Module, root: nn.Module, inputs, job: Job, why: str
             return out
         return pick(job.outputs, out, type(model).__name__)
 
-    if job.verify and inputs is not None and swaps:
+    if inputs is not None and swaps:  # even unverified: the root's own code uses the parts
         reference = _eager(model, inputs, job)
         err = _put_back_breaking(root, swaps, inputs, reference, job, report, _dtype(model),
                                  view)
@@ -920,6 +922,9 @@ def _fold_child(child: nn.Module, args, job: Job, report: Report, path: str
         report.untraced.append((path, str(e).splitlines()[0][:200]))
         return None
     folded = done.module
+    if not done.report.regions and job.outputs is None and _params(folded) == _params(child):
+        report.merge(done.report, path)  # nothing folded: the part stays what it was
+        return None
     own = vars(folded)
     kept = {key: value for key, value in vars(child).items()  # Ultralytics' f, i, type, np
             if not key.startswith("_") and key not in own and not isinstance(value, nn.Module)}
@@ -1005,6 +1010,9 @@ def _fold_inside(gm: fx.GraphModule, path: str, captured: dict[str, tuple] | Non
             report.untraced = [(p, w) for p, w in report.untraced if p != path]
             report.merge(sub, "")
             return
+        why = next((w for p, w in sub.untraced if p == path), None)  # why it stays, in full
+        if why:
+            report.untraced = [(p, why if p == path else w) for p, w in report.untraced]
     for name, child in list(leaf.named_children()):
         args = captured.get(name)  # None: not reached by the example input
         if not _parameterized(child):

@@ -27,6 +27,7 @@ from .observe import Observation
 from .pattern import Effect, Recognizer
 from .policies import POLICIES, State, trivial
 from .report import Leftover, Report
+from .trace import Reload
 from .values import Lin, Rule, source_node
 
 
@@ -43,7 +44,9 @@ def fold_graph(root: nn.Module, graph: fx.Graph, rules: Sequence[Rule], max_cost
     recognizer = recognizer if recognizer is not None else Recognizer(rules)
     report = _rewrite(root, graph, rules, max_cost, obs, keep or {}, captured, recognizer)
     # the IR and the analysis are gone by now: the module is made without them beside it
-    gm = fx.GraphModule(root, compact(graph), class_name)  # holds only what the graph uses
+    graph = compact(graph)
+    graph._tracer_cls = Reload  # how torch.load rebuilds it from its code
+    gm = fx.GraphModule(root, graph, class_name)  # holds only what the graph uses
     return gm, report
 
 

@@ -602,3 +602,56 @@ def test_a_folded_model_with_a_captured_part_loads_from_a_pickle(tmp_path):
             assert (loaded(xs) - model(xs)).abs().max() < 1e-5
     with pytest.raises(reparam.GuardError, match="float64"):
         loaded.double()(x.double())
+
+
+def test_a_captured_head_with_symbolic_sizes_loads_from_a_pickle(tmp_path):
+    """R21, second half: a head captured with symbolic sizes calls ``aten.full([1, h * w])``;
+    traced again as ``torch.load`` rebuilds it, that size list holds a proxy, which torch's
+    argument parser refuses. Folded graph modules now name the tracer that rebuilds them
+    (``reparam.trace.Reload``), which records such calls as nodes."""
+    from deployed_blocks import RoutedNet
+
+    model = randomize_bn(RoutedNet(nc=3)).eval()
+    folded = reparam.fold(model, torch.randn(1, 3, 16, 16))
+    reparam.save(folded, tmp_path / "routed.pt")
+    loaded = torch.load(tmp_path / "routed.pt", weights_only=False)
+    with torch.no_grad():
+        for size in (16, 24):
+            xs = torch.randn(1, 3, size, size)
+            assert (loaded(xs)[0] - model(xs)[0]).abs().max() < 1e-5
+
+
+class ReadsItsPartsClass(nn.Module):
+    """An untraceable root (it branches on the input's size) whose forward tests a part's
+    class, as the fuzzer's RepMLP instruction does: a Linear gets flat patches, any other FC
+    gets them as 1x1 maps. Its parts do not meet, so they are folded one by one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 3)
+        self.branch = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3))
+        self.other = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3))
+
+    def forward(self, x):
+        t = x + 1.0 if x.shape[-1] > 1 else x
+        flat = t.permute(0, 2, 3, 1).reshape(-1, 2)
+        y = self.fc(flat) if isinstance(self.fc, nn.Linear) else self.fc(flat[..., None, None])
+        z = self.branch(t)
+        return y.reshape(x.shape[0], x.shape[2], x.shape[3], 3), (
+            z if isinstance(self.branch, nn.Sequential) else -z), self.other(t)
+
+
+def test_a_root_that_tests_its_parts_class_gets_them_back_unverified_too():
+    """R22: folded part by part with ``verify=False``, a Linear that folded nothing was still
+    swapped for a graph module, and the root, which tests ``isinstance(self.fc, nn.Linear)``,
+    fed it 1x1 maps: the folded model raised. A part that folds nothing now stays as it was,
+    and the root is run with its folded parts even unverified (only running it shows how its
+    code uses them): the folded branch, which the root tests too, is put back."""
+    model = randomize_bn(ReadsItsPartsClass()).double().eval()
+    x = torch.randn(2, 2, 4, 5, dtype=F64)
+    folded = fold_unwrapped(model, (x.clone(),), verify=False)
+    assert type(folded.fc) is nn.Linear and type(folded.branch) is nn.Sequential
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.other.modules())
+    with torch.no_grad():
+        for g, w in zip(folded(x.clone()), model(x.clone()), strict=True):
+            assert (g - w).abs().max() < 1e-9
