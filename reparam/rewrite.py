@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
+import torch
 from torch import fx, nn
 
 from .analysis import Analysis
@@ -45,7 +46,8 @@ def fold_graph(root: nn.Module, graph: fx.Graph, rules: Sequence[Rule], max_cost
     report = _rewrite(root, graph, rules, max_cost, obs, keep or {}, captured, recognizer)
     # the IR and the analysis are gone by now: the module is made without them beside it
     graph = compact(graph)
-    graph._tracer_cls = Reload  # how torch.load rebuilds it from its code
+    if any(isinstance(n.target, torch._ops.OpOverload) for n in graph.nodes):
+        graph._tracer_cls = Reload  # how torch.load rebuilds a captured graph from its code
     gm = fx.GraphModule(root, graph, class_name)  # holds only what the graph uses
     return gm, report
 
