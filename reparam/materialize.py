@@ -163,8 +163,9 @@ class Materializer:
                 return None  # the view is made before the region ends: its base must hold
         merged = value.nodes - set(view.chain) if view is not None else value.nodes
         main = max(merged or value.nodes, key=lambda n: (ir.entries[n].macs, -ir.position(n)))
-        if value.kernel.is_diagonal and not value.kernel.transposed and value.kernel.nd and all(
-                ir.entries[n].effect is not Effect.MAP for n in value.nodes):
+        k = value.kernel
+        if k.is_diagonal and not k.transposed and k.nd and (k.nd > 3 or all(  # no Conv4d
+                ir.entries[n].effect is not Effect.MAP for n in value.nodes)):
             module = to_affine(value.kernel, value.kernel.weight.dtype)
         else:
             module = to_module(value.kernel, value.kernel.weight.dtype,  # cast by the analysis

@@ -655,3 +655,32 @@ def test_a_root_that_tests_its_parts_class_gets_them_back_unverified_too():
     with torch.no_grad():
         for g, w in zip(folded(x.clone()), model(x.clone()), strict=True):
             assert (g - w).abs().max() < 1e-9
+
+
+class DepthwiseBeforePatches(nn.Module):
+    """A BN and a depthwise 1x1 conv (per-channel maps) before RepMLP's patches, a head after:
+    the two maps move through the 6-d patch view, where they are a map on 4 spatial axes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.dw = nn.BatchNorm2d(2), nn.Conv2d(2, 2, 1, groups=2)
+        self.fc, self.bn = nn.Linear(2, 1), nn.BatchNorm2d(1)
+        self.conv = nn.Sequential(nn.Conv2d(2, 1, 1), nn.BatchNorm2d(1))
+        self.head, self.head_bn = nn.Linear(1, 1), nn.BatchNorm1d(1)
+
+    def forward(self, x):
+        v = self.dw(self.norm(x))
+        patches = v.reshape(-1, 2, 5, 1, 5, 1).permute(0, 2, 4, 1, 3, 5)
+        y = self.bn(self.fc(patches.reshape(-1, 2)).reshape(-1, 1, 1, 1))
+        y = y.reshape(-1, 5, 5, 1, 1, 1) + self.conv(
+            patches.reshape(-1, 2, 1, 1)).reshape(-1, 5, 5, 1, 1, 1)
+        y = y.permute(0, 3, 1, 4, 2, 5).reshape(-1, 1, 5, 5)
+        return self.head_bn(self.head(y.mean(dim=(2, 3))))
+
+
+def test_a_depthwise_conv_moved_into_a_patch_view_is_a_channel_affine():
+    """R23: the depthwise conv's map, moved through the 6-d patch view, ended its region there
+    as a map on 4 spatial axes, and materializing it asked for a Conv4d: "a bug in reparam"
+    (found by the long fuzz run on a89de2b; older than this session). A per-channel map of
+    any rank is a ChannelAffine."""
+    assert_fold_exact(DepthwiseBeforePatches(), torch.randn(2, 2, 5, 5))
