@@ -62,14 +62,7 @@ def check_inputs(specs: tuple, guards: tuple[str, ...], names: tuple[str, ...], 
                  *tensors: torch.Tensor) -> None:
     """Raise :class:`GuardError` unless the inputs are what the capture is valid for: each
     tensor as ``specs`` says (see :class:`InputSpec`), and each of torch.export's ``guards`` on
-    the arguments (Python expressions such as ``L['x'].size()[2] % 2 == 0``) true.
-
-    Called on proxies (``torch.load`` traces a pickled graph module again to rebuild its
-    graph), it records itself as a node instead, so that the loaded model keeps its guard."""
-    proxy = next((t for t in (*args, *tensors) if isinstance(t, fx.Proxy)), None)
-    if proxy is not None:
-        return proxy.tracer.create_proxy("call_function", check_inputs,
-                                         (specs, guards, names, args, *tensors), {})
+    the arguments (Python expressions such as ``L['x'].size()[2] % 2 == 0``) true."""
     symbols: dict[str, int] = {}
     derived: list[tuple[str, int, int, str]] = []
     for i, (spec, t) in enumerate(zip(specs, tensors, strict=True)):
@@ -124,6 +117,41 @@ def check_inputs(specs: tuple, guards: tuple[str, ...], names: tuple[str, ...], 
 @functools.cache
 def _compiled(code: str):
     return compile(code, "<torch.export guard>", "eval")
+
+
+class Reload(fx.Tracer):
+    """The tracer ``torch.load`` rebuilds a pickled folded graph module with: torch.fx traces
+    the module's generated code again, where the guard would run on proxies and raise, and an
+    aten overload called with a size list that holds a proxy (symbolic sizes, as in
+    ``aten.full([1, h * w])``) would fail in torch's argument parser. Here both are recorded as
+    the nodes they were, so the loaded model keeps its guard."""
+
+    def __init__(self) -> None:
+        super().__init__(autowrap_functions=(check_inputs,))
+
+    def trace(self, root, concrete_args=None):
+        call = torch._ops.OpOverload.__call__
+        tracer = self
+
+        def record(op, /, *args, **kwargs):
+            if any(isinstance(a, fx.Proxy) for a in pytree.tree_leaves((args, kwargs))):
+                return tracer.create_proxy("call_function", op, args, kwargs)
+            return call(op, *args, **kwargs)
+
+        torch._ops.OpOverload.__call__ = record
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            torch._ops.OpOverload.__call__ = call
+
+
+def mark_reload(graph: fx.Graph) -> None:
+    """Name :class:`Reload` as the tracer that rebuilds ``graph`` from its code, where it holds
+    a captured part (aten ops, the guard); a plain folded graph keeps torch's own, so its pickle
+    does not name reparam."""
+    if any(n.op == "call_function" and (n.target is check_inputs or isinstance(
+            n.target, torch._ops.OpOverload)) for n in graph.nodes):
+        graph._tracer_cls = Reload
 
 
 @functools.cache

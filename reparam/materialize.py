@@ -145,8 +145,7 @@ class Materializer:
             a.values[b] = _released(value)  # its kernel now lives on in the module
         self._repoint_shape_queries(removed, replaced_by)
         self._erase(removed)
-        live = set(graph.nodes)  # a region whose result nothing returns went with the dead code
-        made = [item for item in made if item.node in live]
+        made = [item for item in made if item.node not in self.dead]  # nothing returns them
         for node in graph.nodes:
             if node.op in ("placeholder", "output") and isinstance(node.type, str):
                 node.type = None  # a string annotation (PEP 563) would not script

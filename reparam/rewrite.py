@@ -17,10 +17,10 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
-import torch
 from torch import fx, nn
 
 from .analysis import Analysis
+from .capture import mark_reload
 from .ir import IR
 from .materialize import ChannelAffine, Materializer, name_modules
 from .nodes import is_rank_query, is_shape_query
@@ -28,7 +28,6 @@ from .observe import Observation
 from .pattern import Effect, Recognizer
 from .policies import POLICIES, State, trivial
 from .report import Leftover, Report
-from .trace import Reload
 from .values import Lin, Rule, source_node
 
 
@@ -46,8 +45,7 @@ def fold_graph(root: nn.Module, graph: fx.Graph, rules: Sequence[Rule], max_cost
     report = _rewrite(root, graph, rules, max_cost, obs, keep or {}, captured, recognizer)
     # the IR and the analysis are gone by now: the module is made without them beside it
     graph = compact(graph)
-    if any(isinstance(n.target, torch._ops.OpOverload) for n in graph.nodes):
-        graph._tracer_cls = Reload  # how torch.load rebuilds a captured graph from its code
+    mark_reload(graph)  # how torch.load rebuilds a captured graph from its code
     gm = fx.GraphModule(root, graph, class_name)  # holds only what the graph uses
     return gm, report
 

@@ -105,9 +105,8 @@ def select_outputs(graph: fx.Graph, outputs: Pick, where: str) -> None:
     output nodes (indexing picks nodes, tensor code becomes nodes before the output)."""
     out = next(n for n in reversed(graph.nodes) if n.op == "output")
     tracer = fx.proxy.GraphAppendingTracer(graph)
-    structure = fx.node.map_arg(out.args[0], lambda n: fx.Proxy(n, tracer))
     with graph.inserting_before(out):
-        chosen = pick(outputs, _thawed(structure), where)
+        chosen = pick(outputs, _proxies(out.args[0], tracer), where)
         try:
             value = tracer.create_arg(chosen)
         except Exception as e:  # noqa: BLE001 - what the caller's function returned
@@ -117,14 +116,17 @@ def select_outputs(graph: fx.Graph, outputs: Pick, where: str) -> None:
     out.args = (value,)
 
 
-def _thawed(value: Any) -> Any:
-    """torch.fx's immutable lists and dicts as plain ones, so that ``pick`` sees what the
-    model returns."""
+def _proxies(value: Any, tracer: fx.proxy.GraphAppendingTracer) -> Any:
+    """The graph's output with a proxy for each node, in plain tuples, lists and dicts
+    (torch.fx keeps them immutable), so that ``pick`` sees what the model returns."""
+    if isinstance(value, fx.Node):
+        return fx.Proxy(value, tracer)
     if isinstance(value, dict):
-        return {k: _thawed(v) for k, v in value.items()}
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(_thawed(v) for v in value))
-    if isinstance(value, (list, tuple)):
-        return type(value)(_thawed(v) for v in value) if isinstance(value, tuple) else [
-            _thawed(v) for v in value]
+        return {k: _proxies(v, tracer) for k, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+        return type(value)(*(_proxies(v, tracer) for v in value))
+    if isinstance(value, tuple):
+        return tuple(_proxies(v, tracer) for v in value)
+    if isinstance(value, list):
+        return [_proxies(v, tracer) for v in value]
     return value

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_map
 
 from .errors import ReparamError, TraceError
 from .nodes import pieces_call
@@ -180,29 +180,6 @@ class _Tracer(fx.Tracer):
         if name not in parameter_proxy_cache:
             parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
         return parameter_proxy_cache[name]
-
-
-class Reload(fx.Tracer):
-    """The tracer ``torch.load`` rebuilds a pickled folded graph module with (its graph's
-    ``_tracer_cls``): torch.fx traces the module's generated code again, and an aten overload
-    called with a size list that holds a proxy (a captured part's symbolic sizes, as in
-    ``aten.full([1, h * w])``) would fail in torch's argument parser. Here every aten call on
-    proxies is recorded as the node it was."""
-
-    def trace(self, root, concrete_args=None):
-        call = torch._ops.OpOverload.__call__
-        tracer = self
-
-        def record(op, /, *args, **kwargs):
-            if any(isinstance(a, fx.Proxy) for a in tree_leaves((args, kwargs))):
-                return tracer.create_proxy("call_function", op, args, kwargs)
-            return call(op, *args, **kwargs)
-
-        torch._ops.OpOverload.__call__ = record
-        try:
-            return super().trace(root, concrete_args)
-        finally:
-            torch._ops.OpOverload.__call__ = call
 
 
 class _Parts(fx.Proxy):

@@ -586,8 +586,8 @@ def test_a_folded_model_with_a_captured_part_loads_from_a_pickle(tmp_path):
     """R21: ``torch.load`` rebuilds a pickled graph module by tracing its code again; the guard
     of a part captured with torch.export (DBB's BN-and-pad by slice assignment, a YOLO head)
     then ran on proxies and raised, so such a folded model saved as ``.pt`` (yolov8n's too) did
-    not load. The guard now records itself as a node when traced, and the loaded model still
-    refuses inputs outside the capture."""
+    not load. The tracer that rebuilds it now records the guard as a node, and the loaded model
+    still refuses inputs outside the capture."""
     from deployed_blocks import SliceAssignDBB
 
     model = randomize_bn(nn.Sequential(SliceAssignDBB(4, 4), nn.ReLU())).eval()
@@ -608,7 +608,7 @@ def test_a_captured_head_with_symbolic_sizes_loads_from_a_pickle(tmp_path):
     """R21, second half: a head captured with symbolic sizes calls ``aten.full([1, h * w])``;
     traced again as ``torch.load`` rebuilds it, that size list holds a proxy, which torch's
     argument parser refuses. Folded graph modules now name the tracer that rebuilds them
-    (``reparam.trace.Reload``), which records such calls as nodes."""
+    (``reparam.capture.Reload``), which records such calls as nodes."""
     from deployed_blocks import RoutedNet
 
     model = randomize_bn(RoutedNet(nc=3)).eval()
