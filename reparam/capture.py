@@ -62,7 +62,15 @@ def check_inputs(specs: tuple, guards: tuple[str, ...], names: tuple[str, ...], 
                  *tensors: torch.Tensor) -> None:
     """Raise :class:`GuardError` unless the inputs are what the capture is valid for: each
     tensor as ``specs`` says (see :class:`InputSpec`), and each of torch.export's ``guards`` on
-    the arguments (Python expressions such as ``L['x'].size()[2] % 2 == 0``) true."""
+    the arguments (Python expressions such as ``L['x'].size()[2] % 2 == 0``) true.
+
+    Called on proxies (a folded model traced with torch.fx: by ``torch.load``, which rebuilds a
+    pickled graph module that way, or by the caller), it records itself as a node instead, so
+    that the traced model keeps its guard."""
+    proxy = next((t for t in (*args, *tensors) if isinstance(t, fx.Proxy)), None)
+    if proxy is not None:
+        return proxy.tracer.create_proxy("call_function", check_inputs,
+                                         (specs, guards, names, args, *tensors), {})
     symbols: dict[str, int] = {}
     derived: list[tuple[str, int, int, str]] = []
     for i, (spec, t) in enumerate(zip(specs, tensors, strict=True)):
@@ -121,13 +129,9 @@ def _compiled(code: str):
 
 class Reload(fx.Tracer):
     """The tracer ``torch.load`` rebuilds a pickled folded graph module with: torch.fx traces
-    the module's generated code again, where the guard would run on proxies and raise, and an
-    aten overload called with a size list that holds a proxy (symbolic sizes, as in
-    ``aten.full([1, h * w])``) would fail in torch's argument parser. Here both are recorded as
-    the nodes they were, so the loaded model keeps its guard."""
-
-    def __init__(self) -> None:
-        super().__init__(autowrap_functions=(check_inputs,))
+    the module's generated code again, and an aten overload called with a size list that holds
+    a proxy (symbolic sizes, as in ``aten.full([1, h * w])``) would fail in torch's argument
+    parser. Here every aten call on proxies is recorded as the node it was."""
 
     def trace(self, root, concrete_args=None):
         call = torch._ops.OpOverload.__call__
@@ -147,10 +151,10 @@ class Reload(fx.Tracer):
 
 def mark_reload(graph: fx.Graph) -> None:
     """Name :class:`Reload` as the tracer that rebuilds ``graph`` from its code, where it holds
-    a captured part (aten ops, the guard); a plain folded graph keeps torch's own, so its pickle
-    does not name reparam."""
-    if any(n.op == "call_function" and (n.target is check_inputs or isinstance(
-            n.target, torch._ops.OpOverload)) for n in graph.nodes):
+    a captured part (aten ops); a plain folded graph keeps torch's own, so its pickle does not
+    name reparam."""
+    if any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+           for n in graph.nodes):
         graph._tracer_cls = Reload
 
 

@@ -100,6 +100,15 @@ def _write_counts() -> None:
 atexit.register(_write_counts)
 
 
+def _write_case(case, error: BaseException) -> None:
+    """Append a failing program to ``REPARAM_FUZZ_COUNT_FILE``'s ``.cases`` file as soon as it
+    fails: a long run cut at its deadline while hypothesis shrinks keeps what it found."""
+    path = os.environ.get("REPARAM_FUZZ_COUNT_FILE")
+    if path:
+        with open(path + ".cases", "a") as f:
+            f.write(f"{type(error).__name__}: {str(error).splitlines()[0][:300]}\n{case!r}\n\n")
+
+
 # --- the program ------------------------------------------------------------------------------
 
 
@@ -970,13 +979,15 @@ def check_program(case: Case, pick=None) -> None:
         assert err32 <= max(TOL32, 10 * base32), (
             f"float32 fold off by {err32:.3g} (unfolded float32: {base32:.3g})")
         assert torch.equal(example, x64), "fold wrote into the example input"
-    except AssertionError:
+    except AssertionError as e:
         COUNTS["wrong"] += 1
         _write_counts()
+        _write_case(case, e)
         raise
-    except Exception:
+    except Exception as e:
         COUNTS["errors"] += 1
         _write_counts()
+        _write_case(case, e)
         raise
 
 

@@ -586,8 +586,8 @@ def test_a_folded_model_with_a_captured_part_loads_from_a_pickle(tmp_path):
     """R21: ``torch.load`` rebuilds a pickled graph module by tracing its code again; the guard
     of a part captured with torch.export (DBB's BN-and-pad by slice assignment, a YOLO head)
     then ran on proxies and raised, so such a folded model saved as ``.pt`` (yolov8n's too) did
-    not load. The tracer that rebuilds it now records the guard as a node, and the loaded model
-    still refuses inputs outside the capture."""
+    not load. The guard now records itself as a node when traced, and the loaded model still
+    refuses inputs outside the capture."""
     from deployed_blocks import SliceAssignDBB
 
     model = randomize_bn(nn.Sequential(SliceAssignDBB(4, 4), nn.ReLU())).eval()
