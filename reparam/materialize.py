@@ -6,7 +6,8 @@ where the region starts (its ops read the source there, before any later write),
 source (a :class:`~reparam.values.View` is made anew on its base: the layout ops a per-channel map
 moved through). The region's end is replaced by it; shape queries of removed nodes read a node
 of the same shape; what no longer reaches the output is removed (dead code), keeping every op
-that writes a tensor or draws random numbers.
+that writes a tensor or draws random numbers. A region's output keeps the memory layout the
+traced ops gave it (a ``view`` or a ``rand_like`` after it depends on that).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .context import is_identity
 from .cost import kernel_cost, ops_cost, output_shape
 from .ir import IR
 from .kernel import Kernel, nonnegative_padding, regroup
-from .nodes import dtype_of, is_rank_query, is_shape_query, shape_of
+from .nodes import dtype_of, is_rank_query, is_shape_query, shape_of, stride_of
 from .observe import TensorMeta
 from .pattern import Effect
 from .policies import trivial
@@ -86,6 +87,41 @@ def to_affine(k: Kernel, dtype: torch.dtype) -> ChannelAffine:
     """The :class:`ChannelAffine` of a per-channel kernel (``k.is_diagonal``)."""
     weight = k.weight.detach().reshape(-1).to(dtype)
     return ChannelAffine(weight, k.bias.detach().to(dtype), k.channels_last).eval()
+
+
+def produced_stride(module: nn.Module, shape: torch.Size, stride: tuple[int, ...],
+                    dtype: torch.dtype) -> tuple[int, ...] | None:
+    """The strides of ``module``'s output on an input of ``shape`` and ``stride``, run on the
+    meta device (no data, no arithmetic); None where that does not run. Exact for elementwise
+    ops and ``linear`` (their meta kernels are eager's); not for convs, whose memory format eager
+    picks by backend."""
+    state = {name: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+             for name, t in (*module.named_parameters(), *module.named_buffers())}
+    try:
+        x = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+        with torch.no_grad():
+            y = torch.func.functional_call(module, state, (x,))
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return None
+    return tuple(y.stride()) if isinstance(y, torch.Tensor) else None
+
+
+def same_layout(shape: torch.Size, a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """Equal strides on every axis longer than 1 (an axis of size 1 has no layout)."""
+    return all(n <= 1 or x == y for n, x, y in zip(shape, a, b, strict=True))
+
+
+def dense_order(shape: torch.Size, stride: tuple[int, ...]) -> list[int] | None:
+    """The axes from outermost to innermost in memory, if ``stride`` lays ``shape`` out densely
+    (no gaps, no overlaps); None otherwise."""
+    order = sorted(range(len(shape)), key=lambda i: (-stride[i] if shape[i] > 1 else 0, i))
+    step = 1
+    for i in reversed(order):
+        if shape[i] > 1:
+            if stride[i] != step:
+                return None
+            step *= shape[i]
+    return order
 
 
 @dataclass
@@ -189,6 +225,8 @@ class Materializer:
             made = output_shape(value.kernel, source_shape(value.source))
             new.meta["tensor_meta"] = TensorMeta(torch.Size(made), dtype_of(b))
             out = self._reshape(value.reshaped, new, b)
+        else:
+            out = self._keep_layout(new, module, source, b)
         b.replace_all_uses_with(out)
         done[b] = out
         for n in value.nodes:
@@ -246,6 +284,41 @@ class Materializer:
             made = self.graph.node_copy(reshape, lambda a: data if a is old else a)
         made.meta = dict(b.meta)
         return made
+
+    def _keep_layout(self, new: fx.Node, module: nn.Module, source: fx.Node, b: fx.Node
+                     ) -> fx.Node:
+        """``new``, laid out in memory as the region's end was. The module may lay its output out
+        otherwise (a per-channel affine keeps its input's strides where a BN made a contiguous
+        tensor), and what reads it may depend on that: a ``view`` (torch.export writes every
+        ``reshape`` that needed no copy as one), or a random op drawing ``rand_like`` in memory
+        order. Where the layouts differ, a ``permute``, ``contiguous``, ``permute`` restores
+        the traced one. A conv lays its output out as the conv it replaces did (same input,
+        weight in the same memory format), and the meta device does not tell that choice."""
+        shape, want, given = shape_of(b), stride_of(b), stride_of(source)
+        if isinstance(module, nn.modules.conv._ConvNd) or None in (
+                shape, want, given, shape_of(source)):
+            return new
+        got = produced_stride(module, shape_of(source), given, dtype_of(source))
+        order = dense_order(shape, want)
+        if got is None or len(got) != len(shape) or same_layout(shape, got, want) or (
+                order is None):
+            return new
+        new.meta["tensor_meta"] = TensorMeta(shape, dtype_of(b), got)
+        graph, inverse = self.graph, sorted(range(len(order)), key=order.__getitem__)
+        with graph.inserting_after(new):
+            if order == sorted(order):
+                out = graph.call_method("contiguous", (new,))
+            else:
+                moved = graph.call_method("permute", (new, *order))
+                with graph.inserting_after(moved):
+                    dense = graph.call_method("contiguous", (moved,))
+                with graph.inserting_after(dense):
+                    out = graph.call_method("permute", (dense, *inverse))
+                moved.meta = {"tensor_meta": TensorMeta(torch.Size(shape[i] for i in order),
+                                                        dtype_of(b))}
+                dense.meta = dict(moved.meta)
+        out.meta = dict(b.meta)
+        return out
 
     def _latest(self, nodes: list[fx.Node]) -> fx.Node:
         """The one of ``nodes`` that comes last in the graph (a view's op goes right after)."""

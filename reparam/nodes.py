@@ -25,6 +25,12 @@ def dtype_of(node: Any) -> torch.dtype | None:
     return getattr(_meta(node), "dtype", None)
 
 
+def stride_of(node: Any) -> tuple[int, ...] | None:
+    """The observed strides of ``node``'s output (its memory layout), from the observed run."""
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return getattr(meta, "stride", None)
+
+
 def fetch(root: nn.Module, target: str) -> Any:
     """The attribute at dotted path ``target`` of ``root`` (a ``get_attr`` node's target)."""
     obj = root

@@ -45,6 +45,11 @@ class TensorMeta(NamedTuple):
 
     shape: torch.Size
     dtype: torch.dtype
+    stride: tuple[int, ...] | None = None  # its memory layout (None: not a strided tensor)
+
+
+def meta_of(t: torch.Tensor) -> TensorMeta:
+    return TensorMeta(t.shape, t.dtype, t.stride() if t.layout is torch.strided else None)
 
 
 class CallerTensorWritten(Exception):
@@ -255,10 +260,10 @@ class _Interpreter:
 
     def _record(self, n: fx.Node, result: Any) -> None:
         if isinstance(result, torch.Tensor):
-            n.meta["tensor_meta"] = TensorMeta(result.shape, result.dtype)
+            n.meta["tensor_meta"] = meta_of(result)
         elif isinstance(result, (tuple, list)) and result and all(
                 isinstance(r, torch.Tensor) for r in result):
-            n.meta["tensor_meta"] = tuple(TensorMeta(r.shape, r.dtype) for r in result)
+            n.meta["tensor_meta"] = tuple(meta_of(r) for r in result)
         elif isinstance(result, (int, float, bool, torch.Size)) or (
                 isinstance(result, (tuple, list)) and all(isinstance(r, int) for r in result)):
             n.meta["reparam_value"] = result

@@ -274,6 +274,9 @@ class Program(nn.Module):
         if op == "tokens":  # a linear layer on channels-last tokens, back to channels-first
             name, src = args
             return self.mods[name](vals[src].movedim(1, -1)).movedim(-1, 1)
+        if op == "flat":  # a view, which runs only on the memory layout the original computed
+            (src,) = args
+            return vals[src].view(vals[src].shape[0], -1)
         if op == "mean":
             (src,) = args
             return vals[src].mean(dim=tuple(range(2, nd + 2)))
@@ -712,6 +715,10 @@ class Builder:
         y = self.emit(("tokens", name, src), {name: nn.Linear(c, out, self.flag(), dtype=F64)})
         if y is not None and self.flag(0.5):
             y = self.bn(y, "module") or y
+            if self.flag(0.4):  # two BNs: a per-channel affine on the tokens' channels-last data
+                y = self.bn(y, "module") or y
+        if y is not None and self.flag(0.3):  # R24: a view that needs the BN's dense layout
+            self.emit(("flat", y))
         return y
 
     def head(self, src: int) -> int | None:

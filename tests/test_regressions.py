@@ -684,3 +684,43 @@ def test_a_depthwise_conv_moved_into_a_patch_view_is_a_channel_affine():
     (found by the long fuzz run on a89de2b; older than this session). A per-channel map of
     any rank is a ChannelAffine."""
     assert_fold_exact(DepthwiseBeforePatches(), torch.randn(2, 2, 5, 5))
+
+
+class TwoNormsOnTokens(nn.Module):
+    """A linear layer on channels-last tokens, moved back to channels-first, two BNs: the BNs
+    fold into one per-channel affine, which keeps its input's (channels-last) strides where
+    the BNs made a contiguous tensor. ``.view`` and ``rand_like`` read that layout, and so does
+    a ``reshape`` in a graph torch.export captured (the slice assignment), which is a view."""
+
+    def __init__(self, reader: str) -> None:
+        super().__init__()
+        self.lin, self.bn1, self.bn2 = nn.Linear(3, 4), nn.BatchNorm1d(4), nn.BatchNorm1d(4)
+        self.reader = reader
+
+    def forward(self, x):
+        if self.reader == "captured":
+            x = x.clone()
+            x[:, 0] = x[:, 0] * 2  # torch.fx cannot trace it: the model is captured whole
+        t = self.bn2(self.bn1(self.lin(x.movedim(1, -1)).movedim(-1, 1)))
+        if self.reader == "rand_like":
+            return torch.rand_like(t) * t
+        return t.view(t.shape[0], -1) if self.reader == "view" else t.reshape(t.shape[0], -1)
+
+
+@pytest.mark.parametrize("reader", ["view", "rand_like", "captured"])
+def test_a_region_keeps_the_memory_layout_its_readers_depend_on(reader):
+    """R24: the two BNs' folded affine kept the channels-last strides of its input, so the
+    unverified float64 fold raised in ``.view`` ("view size is not compatible"), or drew
+    ``rand_like``'s numbers in another order (relative error 0.3 to 1.9; found by the long fuzz
+    run on 6ba29f3, older than that session). A region whose module lays its output out
+    otherwise than the ops it replaces restores the traced layout."""
+    model = randomize_bn(TwoNormsOnTokens(reader)).double().eval()
+    x = torch.randn(2, 3, 6, dtype=F64)
+    folded = fold_unwrapped(model, (x.clone(),), verify=False)
+    assert [r.params_after for r in folded.reparam_report.regions] == [8]
+    assert bool(folded.reparam_report.captured) == (reader == "captured")
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(0)
+        got = folded(x.clone())
+        torch.manual_seed(0)
+        assert (got - model(x.clone())).abs().max() < 1e-12
