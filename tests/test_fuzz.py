@@ -9,9 +9,10 @@ constant, reflect, replicate, circular, asymmetric), average pools (count_includ
 divisor_override), sums / differences of branches (operator, ``torch.add`` with alpha, method),
 cats, scalings by constants and per-channel (and per-position) parameters, activations (incl.
 in-place ``relu_`` / ``add_`` / ``mul_`` / ``nn.ReLU(inplace=True)``), identity / dropout / clone,
-in-place writes through aliases (Identity, eval dropout, contiguous, clone) while a region spans
-them, writes through ``out=``, ``.data`` and ``torch.ops.aten`` in-place overloads, leaf modules
-(named in ``leaf_modules``) that write the tensor they receive, convs whose ``forward`` is
+channels-last copies (what follows must keep that memory layout), in-place writes through
+aliases (Identity, eval dropout, contiguous, clone) while a region spans them, writes through
+``out=``, ``.data`` and ``torch.ops.aten`` in-place overloads, leaf modules (named in
+``leaf_modules``) that write the tensor they receive, convs whose ``forward`` is
 replaced on the instance, random ops (``rand_like``, dropout in training mode, gumbel noise),
 shared modules called twice, linear layers on channels-last tokens and a pooled linear+BN
 head, and multi-branch blocks (RepVGG / ACNet / DBB-like, with random and sometimes misaligned
@@ -270,6 +271,10 @@ class Program(nn.Module):
                 return v.clone()
             if kind == "dropout":
                 return F.dropout(v, 0.3, False)
+            if kind == "channels_last":  # what follows runs on (and must keep) that layout
+                fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(v.dim())
+                return v.contiguous(memory_format=fmt) if fmt else v.transpose(1, -1).contiguous(
+                ).transpose(1, -1)
             return +v
         if op == "tokens":  # a linear layer on channels-last tokens, back to channels-first
             name, src = args
@@ -570,7 +575,7 @@ class Builder:
 
     def identity(self, src: int) -> int | None:
         kind = self.draw(st.sampled_from(["Identity", "Dropout", "contiguous", "clone",
-                                          "dropout", "pos"]))
+                                          "dropout", "pos", "channels_last"]))
         if kind == "Identity":
             return self.call(nn.Identity(), src, "id")
         if kind == "Dropout":
