@@ -272,7 +272,8 @@ class Program(nn.Module):
             if kind == "dropout":
                 return F.dropout(v, 0.3, False)
             if kind == "channels_last":  # what follows runs on (and must keep) that layout
-                fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(v.dim())
+                fmt = {2: torch.channels_last, 3: torch.channels_last_3d}.get(nd)  # not v.dim():
+                # a proxy under torch.fx, which would trace the other branch
                 return v.contiguous(memory_format=fmt) if fmt else v.transpose(1, -1).contiguous(
                 ).transpose(1, -1)
             return +v
