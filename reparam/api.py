@@ -97,8 +97,9 @@ def _validate(model: object, rules: object, max_cost: object, leaf_modules: obje
     if training:
         raise ReparamError(
             f"{type(model).__name__} is in training mode ({', '.join(training[:3])}"
-            f"{'...' if len(training) > 3 else ''}): BN uses batch statistics there, so folding "
-            "would change what it computes. Call model.eval() before reparam.fold(model)."
+            f"{'...' if len(training) > 3 else ''}): there a BN normalizes by batch statistics "
+            "and dropout drops, so folding would change what it computes. Call model.eval() "
+            "before reparam.fold(model)."
         )
     for t in tensors:
         if t.is_meta:

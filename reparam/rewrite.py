@@ -23,7 +23,7 @@ from .analysis import Analysis
 from .capture import mark_reload
 from .ir import IR
 from .materialize import ChannelAffine, Materializer, name_modules
-from .nodes import is_rank_query, is_shape_query
+from .nodes import is_rank_query, is_shape_query, shape_of, stride_of
 from .observe import Observation
 from .pattern import Effect, Recognizer
 from .policies import POLICIES, State, trivial
@@ -62,7 +62,8 @@ def _rewrite(root: nn.Module, graph: fx.Graph, rules: Sequence[Rule], max_cost: 
     analysis = Analysis(ir, rules, kept, device=param.device if param is not None else None)
     analysis.run()
     notes = plan(analysis, ir, max_cost)
-    reasons = {**_alone(analysis, ir), **(analysis.first or {}), **notes, **analysis.kept}
+    reasons = {**_alone(analysis, ir), **_across_permute(analysis, ir),
+               **(analysis.first or {}), **notes, **analysis.kept}
     joins = analysis.first_joins - set(notes) - set(analysis.kept)
     materializer = Materializer(ir, analysis, capture=captured is not None)
     made = materializer.run()
@@ -151,6 +152,43 @@ def _alone(analysis: Analysis, ir: IR) -> dict[fx.Node, str]:
         after = ", ".join(f"'{u.name}' ({ir.what(u)})" for u in users)
         out[node] = (f"nothing linear to fold it into: {before}; its output goes to "
                      f"{after or 'nothing'}, which no rule in the rule set folds it into")
+    return out
+
+
+def _across_permute(analysis: Analysis, ir: IR) -> dict[fx.Node, str]:
+    """Why a linear layer on tokens stays apart from the conv before it: it reads the conv's
+    output with the channels moved last (``x.movedim(1, -1)``, a permute; told by the observed
+    strides, a permuted view of the conv's output), which no rule folds across. Listed where the
+    merged conv would be no dearer than the two ops (a depthwise conv before a dense layer
+    would be)."""
+    out = {}
+    for b in analysis.boundaries:
+        value = analysis.values.get(b)
+        if not isinstance(value, Lin) or value.kernel.nd != 0 or not value.kernel.channels_last:
+            continue
+        maps = [n for n in value.nodes if ir.entries[n].effect is Effect.MAP]
+        if len(maps) != 1 or not isinstance(value.source, fx.Node):
+            continue
+        x = node = value.source
+        while node in ir.entries and ir.entries[node].effect is Effect.LAYOUT and isinstance(
+                ir.entries[node].op.inputs[0], fx.Node):
+            node = ir.entries[node].op.inputs[0]
+        conv = analysis.values.get(node)
+        if node is x or not isinstance(conv, Lin) or not conv.nodes or conv.kernel.nd == 0:
+            continue
+        shape, stride, seen = shape_of(node), stride_of(node), stride_of(x)
+        if shape is None or stride is None or seen is None or len(seen) != len(shape) or (
+                tuple(shape_of(x)) != (shape[0], *shape[2:], shape[1])) or (
+                tuple(seen) != (stride[0], *stride[2:], stride[1])):
+            continue
+        k, lin = conv.kernel, value.kernel
+        taps = k.weight[0, 0].numel()
+        if lin.out_channels * k.in_channels * taps > (
+                k.weight.numel() + lin.weight.numel()):
+            continue
+        out[maps[0]] = (f"a linear layer on the output of '{node.name}' ({ir.what(node)}) with "
+                        f"its channels moved last ('{x.name}'): the two would merge into one "
+                        "conv, but no rule folds a conv into a linear layer across a permute")
     return out
 
 

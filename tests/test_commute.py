@@ -55,6 +55,8 @@ def unpadded_pool(y, nd, b, c):
 
 
 STEPS = {"tokens": [to_tokens], "permute": [to_last],
+         "movedim": [lambda y, *_: y.movedim(1, -1)],
+         "torch.movedim": [lambda y, nd, b, c: torch.movedim(y, (1,), (nd + 1,))],
          "tokens+contiguous": [to_tokens, lambda y, *_: y.contiguous()],
          "global pool": [global_pool], "mean": [spatial_mean], "pool then tokens": [unpadded_pool],
          "flatten.transpose": [lambda y, *_: y.flatten(2).transpose(-2, -1)]}

@@ -247,6 +247,38 @@ def test_a_lone_bn_between_nonlinearities_is_still_a_leftover():
     assert not report.complete and [x.op for x in report.leftovers] == ["batch_norm"]
 
 
+class ConvThenTokens(nn.Module):
+    """A conv, then a linear layer on its channels-last tokens (``movedim`` or ``permute``), and
+    back: one conv in effect, which no rule folds across the permute."""
+
+    def __init__(self, groups: int, out: int, permute: bool) -> None:
+        super().__init__()
+        self.conv, self.lin = nn.Conv2d(4, 4, 3, padding=1, groups=groups), nn.Linear(4, out)
+        self.permute = permute
+
+    def forward(self, x):
+        y = self.conv(x)
+        t = y.permute(0, 2, 3, 1) if self.permute else y.movedim(1, -1)
+        return self.lin(t).movedim(-1, 1)
+
+
+@pytest.mark.parametrize("permute", [False, True], ids=["movedim", "permute"])
+def test_a_linear_layer_on_a_convs_permuted_output_is_a_leftover(permute):
+    """The two would merge into one conv (no dearer): the report says so, not ``complete``."""
+    model = ConvThenTokens(1, 4, permute).eval()
+    report = reparam.fold(model, torch.randn(2, 4, 5, 6)).reparam_report
+    assert not report.complete and [x.op for x in report.leftovers] == ["linear"], str(report)
+    assert "across a permute" in report.leftovers[0].reason
+
+
+def test_a_depthwise_conv_before_a_wider_linear_layer_is_not_a_leftover():
+    """Merged, a depthwise 3x3 and a 4 -> 16 linear layer would be a dense 3x3 conv, dearer than
+    the two: nothing that should merge is left."""
+    model = ConvThenTokens(4, 16, False).eval()
+    report = reparam.fold(model, torch.randn(2, 4, 5, 6)).reparam_report
+    assert report.complete, str(report)
+
+
 @pytest.mark.parametrize("op", ["cat", "add"])
 def test_joins_of_two_blocks_are_not_leftovers(op):
     class Two(nn.Module):

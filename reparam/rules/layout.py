@@ -35,6 +35,22 @@ def _channel_axis(lin: Lin, rank: int) -> int:
     return rank - 1 if k.channels_last or rank == 2 else 1
 
 
+def movedim_order(source, destination, rank: int) -> list[int] | None:
+    """The permutation ``x.movedim(source, destination)`` applies (output axis ``i`` is input
+    axis ``order[i]``), as torch defines it: the moved axes at their destinations, the others
+    in their order; None for sizes that are not plain distinct axes."""
+    if not all(isinstance(d, int) and -rank <= d < rank for d in (*source, *destination)):
+        return None
+    src, dst = [d % rank for d in source], [d % rank for d in destination]
+    if len(src) != len(dst) or len(set(src)) != len(src) or len(set(dst)) != len(dst):
+        return None
+    order: list[int | None] = [None] * rank
+    for s, d in zip(src, dst, strict=True):
+        order[d] = s
+    rest = iter(i for i in range(rank) if i not in src)
+    return [o if o is not None else next(rest) for o in order]
+
+
 def _reshaped_axis(before, after, axis: int) -> int | None:
     """The axis of ``after`` that holds ``before``'s axis ``axis`` whole under a row-major
     reshape: the same number of elements in front of it, counted after the batch axis (which
@@ -87,6 +103,9 @@ def _axis_after(ctx: Context, op, axis: int) -> int | None:
         if 0 in (d0, d1):
             return None  # the batch axis stays first
         return d1 if axis == d0 else d0 if axis == d1 else axis
+    if op.kind == "movedim":
+        order = movedim_order(op.attrs["source"], op.attrs["destination"], rank)
+        return order.index(axis) if order is not None and order[0] == 0 else None
     if op.kind == "permute":
         dims = op.attrs["dims"]
         if not isinstance(dims, tuple) or not all(isinstance(d, int) for d in dims) or len(

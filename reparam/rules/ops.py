@@ -524,7 +524,19 @@ def _permute(b: dict) -> Op:
     return Op("permute", (b["input"],), dict(dims=unpacked(b["dims"])))
 
 
+def _movedim(b: dict) -> Op:
+    def ints(v):
+        return tuple(v) if isinstance(v, (tuple, list)) else (v,)
+
+    return Op("movedim", (b["input"],), dict(source=ints(b["source"]),
+                                             destination=ints(b["destination"])))
+
+
 TRANSPOSE = (
+    Function(torch.movedim, "input, source, destination", kind="movedim", read=_movedim,
+             effect=Effect.LAYOUT),
+    Method(("movedim", "moveaxis"), "input, source, destination", kind="movedim",
+           read=_movedim, effect=Effect.LAYOUT),
     Function(torch.transpose, "input, dim0, dim1", kind="transpose", read=_transpose,
              effect=Effect.LAYOUT),
     Method("transpose", "input, dim0, dim1", kind="transpose", read=_transpose,
@@ -535,8 +547,9 @@ TRANSPOSE = (
     Method("permute", "input, *dims", kind="permute", read=_permute, effect=Effect.LAYOUT),
     Aten(aten.permute.default, kind="permute", effect=Effect.LAYOUT, read=_permute),
 )
-"""Axis moves: ``torch.transpose``, ``x.transpose(a, b)``, ``torch.permute``, ``x.permute(...)``,
-``aten.transpose``, ``aten.permute``."""
+"""Axis moves: ``torch.movedim``, ``x.movedim(a, b)`` (``x.moveaxis``), ``torch.transpose``,
+``x.transpose(a, b)``, ``torch.permute``, ``x.permute(...)``, ``aten.transpose``,
+``aten.permute`` (torch.export writes a movedim as a permute)."""
 
 
 def _mean(b: dict) -> Op | None:
