@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['theirs']['params']:,}, reparam {row['ours']['params']:,}; err "
               f"{row['theirs']['err']:.1e} / {row['ours']['err']:.1e}", flush=True)
     shown = [f"--out {args.out}"] if args.out else []
-    shown += [f"--{k} .../{getattr(args, k).resolve().name}" for k in commits]
+    shown += [f"--{k} .../{getattr(args, k).name}" for k in commits]
     meta = {"command": "python scripts/official_converters.py " + " ".join(shown),
             "date": datetime.date.today().isoformat(), "machine": _machine(),
             "torch": torch.__version__, "commits": commits}
