@@ -30,7 +30,7 @@ from .ir import IR
 from .observe import CallerTensorWritten, Protected, guarded, observe
 from .pattern import Effect, Recognizer
 from .progress import Callback, reporting, tick
-from .report import Report
+from .report import Leftover, Report
 from .rewrite import fold_graph
 from .rules import ALL
 from .select import Pick, Selected, pick, select_outputs
@@ -912,7 +912,12 @@ def _put_back_breaking(root: nn.Module, swaps, inputs, reference, job: Job, repo
 def _fold_child(child: nn.Module, args, job: Job, report: Report, path: str
                 ) -> nn.Module | None:
     """Fold one part of an untraceable module, keeping the plain attributes its parent may read
-    (``self.attn.resolution``, Ultralytics' ``f`` and ``i``); ``None`` when it cannot be folded."""
+    (``self.attn.resolution``, Ultralytics' ``f`` and ``i``); ``None`` when it cannot be folded.
+    A BN on its own has nothing to fold into (nor does torch.fx trace it as a root: its forward
+    tests ``input.dim()``): a leftover."""
+    if isinstance(child, _BN):
+        report.leftovers.append(Leftover(path, "batch_norm", _LONE_BN))
+        return None
     try:
         done = _fold_verified(child, args, job)
     except CallerTensorWritten:
@@ -935,6 +940,8 @@ def _fold_child(child: nn.Module, args, job: Job, report: Report, path: str
     return None if folded is child else folded
 
 
+_LONE_BN = ("a BN folded on its own, as one part of a module that does not trace: nothing "
+            "linear in it to fold it into")
 _PRESERVED = "_user_preserved_attributes"  # torch.fx: set again on a GraphModule's deepcopy
 
 

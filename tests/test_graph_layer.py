@@ -279,6 +279,34 @@ def test_a_depthwise_conv_before_a_wider_linear_layer_is_not_a_leftover():
     assert report.complete, str(report)
 
 
+class BranchesOnData(nn.Module):
+    """A root torch.fx cannot trace (it branches on the data), folded part by part: a conv+BN
+    part, and a BN the root calls on its own after a ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.sum() > 0:
+            y = y * 1
+        return self.bn(torch.relu(y))
+
+
+def test_a_lone_bn_part_is_a_leftover_not_an_untraced_module():
+    """Before, the lone BN was listed as a module that "does not trace" (its forward tests
+    ``input.dim()``, which torch.fx cannot trace as a root), with the root's reason."""
+    model = randomize_bn(BranchesOnData())
+    x = torch.randn(2, 3, 8, 8)
+    folded = reparam.fold(model, x)
+    report = folded.reparam_report
+    assert [(x.node, x.op) for x in report.leftovers] == [("bn", "batch_norm")], str(report)
+    assert [path for path, _ in report.untraced] == [""] and len(report.regions) == 1
+    assert_equivalent(model, folded, x)
+
+
 @pytest.mark.parametrize("op", ["cat", "add"])
 def test_joins_of_two_blocks_are_not_leftovers(op):
     class Two(nn.Module):
