@@ -119,15 +119,17 @@ def escapes(state: State) -> Decision | None:
     return Decision(bound=bound) if bound else None
 
 
-def _may_move_on(state: State, node: fx.Node, users: list[fx.Node], bound) -> bool:
+def _may_move_on(state: State, node: fx.Node, users: list[fx.Node],
+                 escaping: dict[fx.Node, list[fx.Node]]) -> bool:
     """A per-channel op (a BN) read by layout ops alone, whose input ends a region in the same
     decision: once that boundary is made, the op is a per-channel map of it, which the layout
     ops can move on into the linear op after them (FastViT's ``norm`` of a RepCPE sum, read by
-    its residual too, then ``flatten -> transpose -> qkv``). It is decided in the next round."""
+    its residual too, then ``flatten -> transpose -> qkv``). It is decided in the next round.
+    ``escaping``: every node that escapes in this decision, with its users."""
     entry = state.ir.entries.get(node)
     return (bool(users) and entry is not None and entry.effect is Effect.AFFINE
             and all(state.ir.entries[u].effect is Effect.LAYOUT for u in users)
-            and any(i in bound for i in node.all_input_nodes))
+            and any(i in escaping for i in node.all_input_nodes))
 
 
 def idle_views(state: State) -> Decision | None:
