@@ -226,7 +226,7 @@ class Materializer:
             new.meta["tensor_meta"] = TensorMeta(torch.Size(made), dtype_of(b))
             out = self._reshape(value.reshaped, new, b)
         else:
-            out = self._keep_layout(new, module, source, b)
+            out = self._keep_layout(new, module, source, b, main)
         b.replace_all_uses_with(out)
         done[b] = out
         for n in value.nodes:
@@ -285,8 +285,8 @@ class Materializer:
         made.meta = dict(b.meta)
         return made
 
-    def _keep_layout(self, new: fx.Node, module: nn.Module, source: fx.Node, b: fx.Node
-                     ) -> fx.Node:
+    def _keep_layout(self, new: fx.Node, module: nn.Module, source: fx.Node, b: fx.Node,
+                     main: fx.Node) -> fx.Node:
         """``new``, laid out in memory as the region's end was. The module may lay its output out
         otherwise (a per-channel affine keeps its input's strides where a BN made a contiguous
         tensor), and what reads it may depend on that: a ``view`` (torch.export writes every
@@ -295,10 +295,13 @@ class Materializer:
         the traced one. A conv lays its output out as the conv it replaces did (same input,
         weight in the same memory format), and the meta device does not tell that choice."""
         shape, want, given = shape_of(b), stride_of(b), stride_of(source)
-        if isinstance(module, nn.modules.conv._ConvNd) or None in (
-                shape, want, given, shape_of(source)):
+        if None in (shape, want, given, shape_of(source)):
             return new
-        got = produced_stride(module, shape_of(source), given, dtype_of(source))
+        if isinstance(module, nn.modules.conv._ConvNd):  # as the region's main conv did (R25:
+            # not the region's end, after a `.contiguous(memory_format=...)` taken as identity)
+            got = stride_of(main) if shape_of(main) == shape else None
+        else:
+            got = produced_stride(module, shape_of(source), given, dtype_of(source))
         order = dense_order(shape, want)
         if got is None or len(got) != len(shape) or same_layout(shape, got, want) or (
                 order is None):

@@ -724,3 +724,32 @@ def test_a_region_keeps_the_memory_layout_its_readers_depend_on(reader):
         got = folded(x.clone())
         torch.manual_seed(0)
         assert (got - model(x.clone())).abs().max() < 1e-12
+
+
+class ConvThenChannelsLast(nn.Module):
+    """A conv and a BN, then a channels-last copy (an identity to the fold), then ``rand_like``:
+    the region ends at the copy, laid out channels-last, and the folded conv's output is not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv3d(1, 2, 1), nn.BatchNorm3d(2)
+
+    def forward(self, x):
+        t = self.bn(self.conv(x)).contiguous(memory_format=torch.channels_last_3d)
+        return torch.rand_like(t) * t
+
+
+def test_a_conv_region_ending_at_a_channels_last_copy_keeps_that_layout():
+    """R25: the R24 fix trusted a conv region to lay its output out as its conv did; ended at a
+    channels-last copy, the folded conv gave a contiguous tensor and ``rand_like`` drew its
+    numbers in another order (found by the long fuzz run on 888e99a, 200 wrong outputs, one
+    program). The conv's layout is now compared with the region end's."""
+    model = randomize_bn(ConvThenChannelsLast()).double().eval()
+    x = torch.randn(2, 1, 3, 3, 4, dtype=F64)
+    folded = fold_unwrapped(model, (x.clone(),), verify=False)
+    assert len(folded.reparam_report.regions) == 1
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(0)
+        got = folded(x.clone())
+        torch.manual_seed(0)
+        assert (got - model(x.clone())).abs().max() < 1e-12
