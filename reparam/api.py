@@ -45,6 +45,7 @@ from .trace import (
     guess_inputs,
     has_augmented_assignment,
     light_copy,
+    own_leaves,
     own_tensors,
     trace,
 )
@@ -409,6 +410,9 @@ def _dtype(model: nn.Module) -> torch.dtype:
 
 
 def _devices(model: nn.Module) -> list[int]:
+    """The CUDA devices holding the model's parameters (none while CUDA is not initialized)."""
+    if not torch.cuda.is_initialized():
+        return []
     return sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
 
 
@@ -439,7 +443,7 @@ def _eager(model: nn.Module, inputs: tuple, job: Job):
     same on the folded form."""
     def run():
         with job.guard(), torch.no_grad():
-            return light_copy(model).forward(*clone_inputs(inputs))
+            return light_copy(model, share_leaves=True).forward(*clone_inputs(inputs))
 
     try:
         out = _seeded(model, run)
@@ -541,24 +545,30 @@ def _fold_module(model: nn.Module, inputs: tuple | None, job: Job, capture: bool
                  ) -> Folded:
     """Fold one module: traced with torch.fx; where that fails, captured with torch.export or
     folded part by part (:func:`_fold_untraceable`)."""
-    if id(model) in job.captures:  # captured already (an ExportedProgram's graph)
+    if isinstance(job.captures.get(id(model)), Traced):  # captured already (a verification
+        # fold again, an ExportedProgram's graph); a capture that failed is not tried again
         return _fold_traced(model, _captured(model, inputs, job), inputs, job, capture)
+    # the reference first: its copy of the module tree is gone before tracing makes another
+    reference = _eager(model, inputs, job) if job.verify and inputs is not None else None
     tick("tracing")
     try:
-        traced = trace(lambda: light_copy(model), job.leaves, job.recognizer)
+        traced = trace(lambda: light_copy(model, share_leaves=True), job.leaves, job.recognizer)
     except TraceError as e:
         return _fold_untraceable(model, inputs, job, str(e), capture)
     if inputs is None:
         inputs = guess_inputs(model, traced)
-    return _fold_traced(model, traced, inputs, job, capture)
+    return _fold_traced(model, traced, inputs, job, capture, reference)
 
 
-def _fold_traced(model: nn.Module, traced: Traced, inputs: tuple, job: Job, capture: bool
-                 ) -> Folded:
+def _fold_traced(model: nn.Module, traced: Traced, inputs: tuple, job: Job, capture: bool,
+                 reference: object = None) -> Folded:
+    """Fold ``model``'s capture ``traced`` on ``inputs``; ``reference``, when given, is the eager
+    original's output on them (computed here otherwise, when verifying)."""
     failed = _failed_leaves(traced, job)
     units = _units(traced.root, failed)
     if units != failed:  # each failed leaf inside the block that holds it, captured as a unit
-        again = trace(lambda: light_copy(model), (*job.leaves, *units), job.recognizer)
+        again = trace(lambda: light_copy(model, share_leaves=True), (*job.leaves, *units),
+                      job.recognizer)
         why = dict(traced.untraced)
         again.untraced = [(u, why.get(u) or _holds(u, failed, why)) for u in units] + [
             (p, w) for p, w in again.untraced if p not in units]
@@ -570,7 +580,7 @@ def _fold_traced(model: nn.Module, traced: Traced, inputs: tuple, job: Job, capt
         except TraceError:
             pass
         else:
-            done = _fold_traced(model, whole, inputs, job, capture)
+            done = _fold_traced(model, whole, inputs, job, capture, reference)
             done.report.captured.insert(0, ("", f"{whole.how}; torch.fx could not trace "
                                                 f"{', '.join(failed[:3])}"
                                                 f"{' and others' if len(failed) > 3 else ''}"))
@@ -578,6 +588,7 @@ def _fold_traced(model: nn.Module, traced: Traced, inputs: tuple, job: Job, capt
     root, graph = traced.root, traced.graph
     if job.outputs is not None:  # the model that returns what the caller keeps
         select_outputs(graph, job.outputs, type(model).__name__)
+    own_leaves(root, [p for p, _ in traced.untraced])  # hooked, maybe folded into: its own
     hooks, leaf_inputs = _capture_leaf_inputs(root, [p for p, _ in traced.untraced])
     job.guard()  # reset a private copy's state before the run
     tick("running")
@@ -592,9 +603,9 @@ def _fold_traced(model: nn.Module, traced: Traced, inputs: tuple, job: Job, capt
     finally:
         for h in hooks:
             h.remove()
-    reference = None
     if job.verify:
-        reference = _eager(model, obs.inputs, job)
+        if reference is None:
+            reference = _eager(model, obs.inputs, job)
         unfaithful = relative_error(obs.output, reference) > tolerance(SCREEN, _dtype(model))
     else:
         unfaithful = _suspicious(model, graph) and relative_error(

@@ -45,6 +45,7 @@ def fold_graph(root: nn.Module, graph: fx.Graph, rules: Sequence[Rule], max_cost
     report = _rewrite(root, graph, rules, max_cost, obs, keep or {}, captured, recognizer)
     # the IR and the analysis are gone by now: the module is made without them beside it
     graph = compact(graph)
+    drop_unused(root, graph)  # the folded-away modules go before the code is generated
     mark_reload(graph)  # how torch.load rebuilds a captured graph from its code
     gm = fx.GraphModule(root, graph, class_name)  # holds only what the graph uses
     return gm, report
@@ -84,6 +85,41 @@ def compact(graph: fx.Graph) -> fx.Graph:
     namespace keeps every node a graph ever had, erased ones too, with their meta: a folded graph
     keeps a fifth of its traced nodes, so the copy lets the rest go."""
     return copy.deepcopy(graph)
+
+
+def drop_unused(root: nn.Module, graph: fx.Graph) -> None:
+    """Remove from ``root`` (the traced copy, whose modules the graph calls) every submodule on
+    no path that ``graph`` reads: the modules folded away, whose objects would otherwise stay
+    alive until the fold returns. A module the graph reads (a leaf it calls) keeps all of its
+    own submodules; a module shared by two paths stays wherever one is read."""
+    needed = {""}
+    whole: set[str] = set()
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            parts = str(node.target).split(".")
+            needed.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+            whole.add(str(node.target))
+    keep: set[tuple[int, str]] = set()
+    pairs: list[tuple[nn.Module, str]] = []
+    stack: list[tuple[str, nn.Module]] = [("", root)]
+    seen: set[tuple[int, str]] = set()
+    while stack:
+        path, module = stack.pop()
+        if (id(module), path) in seen:
+            continue
+        seen.add((id(module), path))
+        if path in whole:
+            continue
+        for name, child in module._modules.items():
+            sub = f"{path}.{name}" if path else name
+            pairs.append((module, name))
+            if sub in needed:
+                keep.add((id(module), name))
+                if child is not None:
+                    stack.append((sub, child))
+    for module, name in pairs:
+        if (id(module), name) not in keep and name in module._modules:
+            del module._modules[name]
 
 
 def _ops_after(ir: IR, graph: fx.Graph, made, clone_of: dict[fx.Node, fx.Node]

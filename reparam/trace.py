@@ -3,7 +3,11 @@
 The caller's model is never traced itself: tracing can write into it (LeViT caches a Proxy in its
 attention-bias cache). A *light copy* shares parameter and buffer tensors with the original and
 copies everything else; nothing reparam does writes into those tensors, and the folded model gets
-its own copies of the ones it keeps (:func:`own_tensors`).
+its own copies of the ones it keeps (:func:`own_tensors`). The copies that are only traced and run
+(``share_leaves``) also share torch's own stateless layers (a conv, a BN, an activation, without
+hooks), whose forward writes no attribute and which torch.fx does not enter: most of a network's
+modules, and most of what copying cost. A shared layer that stays in the folded model is copied
+there (:func:`own_tensors`), one that is hooked or folded into first (:func:`own_leaves`).
 """
 
 from __future__ import annotations
@@ -38,13 +42,14 @@ def _cached_tensors(model: nn.Module) -> list[torch.Tensor]:
     return found
 
 
-def light_copy(model: nn.Module) -> nn.Module:
+def light_copy(model: nn.Module, share_leaves: bool = False) -> nn.Module:
     """A structural copy of ``model``: every module is a new object with its own attribute
     dictionaries, lists and sets (so tracing that writes into a cache, as LeViT does, writes into
     the copy), sharing the parameter and buffer tensors and other values with the original.
-    Much cheaper than ``copy.deepcopy``; nothing reparam does writes into shared tensors."""
+    Much cheaper than ``copy.deepcopy``; nothing reparam does writes into shared tensors. With
+    ``share_leaves``, torch's stateless layers are the original's objects (:func:`shareable`)."""
     try:
-        return _clone(model, {})
+        return _clone(model, {}, share_leaves)
     except RuntimeError:  # a module that refuses to be copied this way (parametrizations)
         memo_t = {id(t): t for t in model.parameters()}
         memo_t.update({id(t): t for t in model.buffers()})
@@ -52,13 +57,52 @@ def light_copy(model: nn.Module) -> nn.Module:
         return copy.deepcopy(model, memo_t)
 
 
-def _clone(m: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
+# torch's layers whose forward reads its module and writes nothing into it (lazy modules are
+# refused before a fold; RNNs, which re-flatten their weights, are not listed)
+_STATELESS = frozenset(f"torch.nn.modules.{name}" for name in (
+    "conv", "batchnorm", "linear", "activation", "pooling", "dropout", "padding", "flatten",
+    "normalization", "instancenorm", "pixelshuffle", "upsampling", "channelshuffle", "fold"))
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+               "_backward_pre_hooks", "_forward_hooks_with_kwargs",
+               "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def shareable(m: nn.Module) -> bool:
+    """A torch layer with no children, no hooks and no forward of its own: a copy that is only
+    traced and run may use the original object itself."""
+    return (type(m).__module__ in _STATELESS and not m._modules and "forward" not in vars(m)
+            and not any(getattr(m, h, None) for h in _HOOK_DICTS))
+
+
+def own_leaves(root: nn.Module, paths: Iterable[str]) -> None:
+    """Make the modules at ``paths`` of a copy, and their children, its own objects (each a
+    light copy of a shared layer), before they are hooked or folded into."""
+    for path in paths:
+        parent_path, _, name = path.rpartition(".")
+        try:
+            parent = root.get_submodule(parent_path) if parent_path else root
+        except AttributeError:
+            continue
+        module = parent._modules.get(name)
+        if module is None:
+            continue
+        if shareable(module):
+            module = parent._modules[name] = _clone(module, {})
+        for key, child in module._modules.items():
+            if child is not None and shareable(child):
+                module._modules[key] = _clone(child, {})
+
+
+def _clone(m: nn.Module, memo: dict[int, nn.Module], share_leaves: bool = False) -> nn.Module:
     """One module of :func:`light_copy` and, recursively, its children (``memo``: the copies made
     so far, by the original's id). A plain function, not a closure that calls itself: such a
     closure is a reference cycle, which would keep every copy alive until the cyclic collector
     runs (and ``fold`` pauses it)."""
     if id(m) in memo:  # a module used in two places stays one module
         return memo[id(m)]
+    if share_leaves and shareable(m):
+        memo[id(m)] = m
+        return m
     cls = type(m)
     state = {key: _shallow(value) for key, value in vars(m).items() if key != "_modules"}
     if cls.__new__ is object.__new__:  # a new object and dict: no __init__, no __reduce_ex__
@@ -69,7 +113,7 @@ def _clone(m: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
         vars(new).update(state)
     memo[id(m)] = new
     new._modules = type(m._modules)(
-        (name, None if child is None else _clone(child, memo))
+        (name, None if child is None else _clone(child, memo, share_leaves))
         for name, child in m._modules.items()
     )
     return new
@@ -98,7 +142,13 @@ def deep_copy(model: nn.Module) -> nn.Module:
 
 
 def own_tensors(folded: nn.Module, original: nn.Module) -> None:
-    """Replace every tensor ``folded`` still shares with ``original`` by a copy."""
+    """Replace every module and tensor ``folded`` still shares with ``original`` by a copy."""
+    theirs = {id(m) for m in original.modules()}
+    copies: dict[int, nn.Module] = {}
+    for parent in [m for m in folded.modules() if id(m) not in theirs]:
+        for name, child in parent._modules.items():
+            if child is not None and id(child) in theirs:
+                parent._modules[name] = _clone(child, copies)
     shared = {id(t) for t in original.parameters()} | {id(t) for t in original.buffers()}
     for module in folded.modules():
         for name, p in list(module._parameters.items()):

@@ -28,7 +28,11 @@ def snapshot(model: torch.nn.Module) -> dict:
         "training": [m.training for m in model.modules()],
         "structure": repr(model),
         "dict_keys": [sorted(m.__dict__) for m in model.modules()],
+        "hooks": [sum(len(getattr(m, h, ())) for h in _HOOKS) for m in model.modules()],
     }
+
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 def assert_unchanged(model: torch.nn.Module, before: dict) -> None:
@@ -37,6 +41,7 @@ def assert_unchanged(model: torch.nn.Module, before: dict) -> None:
     assert after["ids"] == before["ids"], "fold replaced tensors of the model"
     assert after["training"] == before["training"], "fold changed train/eval mode"
     assert after["dict_keys"] == before["dict_keys"], "fold left attributes on the model"
+    assert after["hooks"] == before["hooks"], "fold left hooks on the model"
     for k, v in before["tensors"].items():
         if v.is_meta:
             continue
@@ -51,10 +56,15 @@ def fold_leaves_input_unchanged(monkeypatch):
     def checked(model, *args, **kwargs):
         before = snapshot(model) if isinstance(model, torch.nn.Module) else None
         try:
-            return original(model, *args, **kwargs)
+            out = original(model, *args, **kwargs)
         finally:
             if before is not None:
                 assert_unchanged(model, before)
+        if before is not None and isinstance(out, torch.nn.Module):
+            theirs = {id(m) for m in model.modules()}
+            shared = [type(m).__name__ for m in out.modules() if id(m) in theirs]
+            assert not shared, f"the folded model holds the caller's modules: {shared[:5]}"
+        return out
 
     monkeypatch.setattr(reparam.api, "fold", checked)
     monkeypatch.setattr(reparam, "fold", checked)

@@ -9,6 +9,7 @@ caller's model is untouched (conftest checks that for every fold).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import pytest
@@ -185,6 +186,44 @@ def test_a_parameter_written_in_forward_is_never_the_callers():
     version = model.conv.bias._version
     exact(model, torch.randn(2, 3, 6, 6))
     assert model.conv.bias._version == version
+
+
+class _NoHooksHere(collections.OrderedDict):
+    """A hook dictionary that refuses a new hook: fold must hook its own copies only."""
+
+    def __setitem__(self, key, value):
+        raise AssertionError("fold registered a hook on the caller's module")
+
+    def __copy__(self) -> collections.OrderedDict:  # a copy of the module is the fold's own
+        return collections.OrderedDict(self)
+
+    def __deepcopy__(self, memo) -> collections.OrderedDict:
+        return collections.OrderedDict(self)
+
+
+class Untraceable(nn.Module):
+    """A block torch.fx cannot trace (it branches on a tensor's value), holding torch layers
+    that a fold hooks (to record their inputs) and folds one by one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return self.act(y) if y.sum() > 0 else -self.act(y)
+
+
+def test_the_callers_layers_are_never_hooked_and_never_returned():
+    """The copies a fold traces and runs share torch's stateless layers with the caller's model;
+    a layer the fold hooks, folds into or returns is its own copy first."""
+    model = randomize_bn(nn.Sequential(Untraceable(), nn.Conv2d(4, 4, 1), nn.ReLU())).double()
+    for m in model.modules():
+        for name in ("_forward_hooks", "_forward_pre_hooks"):
+            setattr(m, name, _NoHooksHere())
+    folded = exact(model, torch.randn(2, 3, 6, 6))
+    theirs = {id(m) for m in model.modules()}
+    assert not [m for m in folded.modules() if id(m) in theirs]
 
 
 # --- 2. what runs is what is folded ------------------------------------------------------------
