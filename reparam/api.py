@@ -743,7 +743,9 @@ def _record_calls(root: nn.Module, inputs: tuple | None, job: Job) -> Calls:
 
 
 def _tensor_args(args: tuple) -> bool:
-    leaves = tree_leaves(list(args))
+    """Arguments a part can be folded on: tensors (in lists, tuples, dicts), and ``None`` for an
+    optional one (RT-DETR's head is called as ``head(feats, batch)`` with ``batch=None``)."""
+    leaves = [t for t in tree_leaves(list(args)) if t is not None]
     return bool(leaves) and all(isinstance(t, torch.Tensor) for t in leaves)
 
 

@@ -753,3 +753,35 @@ def test_a_conv_region_ending_at_a_channels_last_copy_keeps_that_layout():
         got = folded(x.clone())
         torch.manual_seed(0)
         assert (got - model(x.clone())).abs().max() < 1e-12
+
+
+class _ListHead(nn.Module):
+    """Called as RT-DETR's head is, ``head(feats, batch)`` with ``batch=None``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, feats, batch=None):
+        return self.bn(self.conv(feats[0] + feats[1]))
+
+
+class _RoutedToListHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), _ListHead()
+
+    def forward(self, x):
+        if x.sum() > 0:  # torch.fx cannot trace the root: its parts are folded one by one
+            x = x + 1
+        return self.head([self.a(x), self.b(x)], None)
+
+
+def test_a_part_called_with_none_among_its_arguments_folds_on_what_it_received():
+    """R26: a part called as ``head(feats, None)`` (RT-DETR's decoder) was not recorded (its
+    arguments were not all tensors) and was folded on a guessed input, on which it failed:
+    its BN stayed. ``None`` now counts as an optional argument."""
+    torch.manual_seed(0)
+    model = randomize_bn(_RoutedToListHead()).eval()
+    folded = reparam.fold(model, torch.rand(2, 3, 8, 8))
+    assert not [m for m in folded.modules() if isinstance(m, nn.BatchNorm2d)]
