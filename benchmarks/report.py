@@ -292,8 +292,8 @@ def goals(results: dict) -> list[dict]:
             if m is None:
                 continue
             ratio = m["peak"] / m["param_bytes"]
-            for goal, bar in ((MEM_LAYER_GOAL, "<="), (MEM_GOAL, "<")):
-                met = ratio <= goal if bar == "<=" else ratio < goal
+            for goal, bar, met in ((MEM_LAYER_GOAL, "<=", ratio <= MEM_LAYER_GOAL),
+                                   (MEM_GOAL, "<", ratio < MEM_GOAL)):
                 add(f"{c.display(r['spec'])}: fold peak memory {bar} {goal:g}x parameter bytes",
                     f"{ratio:.1f}x ({_mib(m['peak'])} MiB peak, {_mib(m['param_bytes'])} MiB "
                     "params)", met, f"gap {ratio - goal:.1f}x. " + _mem_cause(m, r["blocks"]))

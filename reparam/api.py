@@ -554,7 +554,7 @@ def _fold_module(model: nn.Module, inputs: tuple | None, job: Job, capture: bool
     try:
         traced = trace(lambda: light_copy(model, share_leaves=True), job.leaves, job.recognizer)
     except TraceError as e:
-        return _fold_untraceable(model, inputs, job, str(e), capture)
+        return _fold_untraceable(model, inputs, job, str(e), capture, reference=reference)
     if inputs is None:
         inputs = guess_inputs(model, traced)
     return _fold_traced(model, traced, inputs, job, capture, reference)
@@ -597,9 +597,10 @@ def _fold_traced(model: nn.Module, traced: Traced, inputs: tuple, job: Job, capt
     except ReparamError as e:
         if traced.how:
             raise
-        _eager(model, inputs, job)  # raises if the model itself fails on these inputs
+        if reference is None:
+            reference = _eager(model, inputs, job)  # raises if the model fails on these inputs
         return _fold_untraceable(model, inputs, job, f"its torch.fx graph does not run ({e})",
-                                 capture)
+                                 capture, reference=reference)
     finally:
         for h in hooks:
             h.remove()
@@ -612,7 +613,7 @@ def _fold_traced(model: nn.Module, traced: Traced, inputs: tuple, job: Job, capt
             obs.output, _eager(model, obs.inputs, job)) > 1e-5
     if unfaithful:
         return _fold_untraceable(model, inputs, job, _UNFAITHFUL.format(type(model).__name__),
-                                 capture, export=not traced.how)
+                                 capture, export=not traced.how, reference=reference)
     regions: dict | None = {} if capture else None
     gm, report = fold_graph(root, graph, job.rules, job.max_cost, obs, job.keep, regions,
                             job.recognizer, traced.name)
@@ -789,10 +790,12 @@ def _captured(model: nn.Module, inputs: tuple, job: Job, parts: list[str] | None
 
 
 def _fold_untraceable(model: nn.Module, inputs: tuple | None, job: Job, why: str,
-                      capture_regions: bool = False, export: bool = True) -> Folded:
+                      capture_regions: bool = False, export: bool = True,
+                      reference: object = None) -> Folded:
     """``model`` does not trace with torch.fx (or not faithfully): captured with torch.export on
     the inputs it receives and folded whole, unless its forward routes layers (then, or when the
-    capture fails, each child is folded on what it receives: :func:`_fold_children`)."""
+    capture fails, each child is folded on what it receives: :func:`_fold_children`).
+    ``reference``: the eager original's output on ``inputs``, when already computed."""
     if inputs is None:
         try:
             inputs = guess_inputs(model)
@@ -806,19 +809,19 @@ def _fold_untraceable(model: nn.Module, inputs: tuple | None, job: Job, why: str
         except TraceError as e:
             why = f"{why}; {str(e)[:300]}"
         else:
-            done = _fold_traced(model, traced, inputs, job, capture_regions)
+            done = _fold_traced(model, traced, inputs, job, capture_regions, reference)
             done.report.captured.insert(0, ("", f"{traced.how}; torch.fx: {why[:200]}"))
             return done
-    return _fold_children(model, root, inputs, job, why, calls)
+    return _fold_children(model, root, inputs, job, why, calls, reference)
 
 
 def _fold_children(model: nn.Module, root: nn.Module, inputs, job: Job, why: str,
-                   calls: Calls) -> Folded:
+                   calls: Calls, reference: object = None) -> Folded:
     """Fold each part of ``root`` (a light copy of ``model``) on the arguments it received;
     containers item by item; keep ``root``'s own forward, and verify it with its folded parts,
     with ``verify=False`` too (only running it shows how the root's code uses its parts: it may
     test a part's class): a part whose folded form breaks it or changes its output is put
-    back."""
+    back. ``reference``: the eager original's output on ``inputs``, when already computed."""
     report = Report(untraced=[("", why)])
     swaps: list[tuple[nn.Module, str, nn.Module, str]] = []
     head = calls.returns if job.outputs is not None else None
@@ -834,7 +837,8 @@ def _fold_children(model: nn.Module, root: nn.Module, inputs, job: Job, why: str
         return pick(job.outputs, out, type(model).__name__)
 
     if inputs is not None and swaps:  # even unverified: the root's own code uses the parts
-        reference = _eager(model, inputs, job)
+        if reference is None:
+            reference = _eager(model, inputs, job)
         err = _put_back_breaking(root, swaps, inputs, reference, job, report, _dtype(model),
                                  view)
         if err <= tolerance(SCREEN, _dtype(model)):

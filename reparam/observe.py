@@ -82,18 +82,16 @@ def _storage_key(t: torch.Tensor) -> int | None:
         return None
 
 
+_ATOMS = (torch.Tensor, int, float, str, type(None))
+
+
 def _tensors(value: Any) -> list[torch.Tensor]:
-    """The tensors in ``value``. A tensor, or a flat list or tuple of them, without
+    """The tensors in ``value``. A single value, or a flat list or tuple, is read without
     ``tree_flatten``, whose helper closure is a reference cycle per call (thousands per fold,
     left for the cyclic collector)."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)) and all(
-            isinstance(v, torch.Tensor) or v is None or isinstance(v, (int, float, bool))
-            for v in value):
-        return [v for v in value if isinstance(v, torch.Tensor)]
-    if value is None or isinstance(value, (int, float, bool, str)):
-        return []
+    items = value if isinstance(value, (list, tuple)) else (value,)
+    if all(isinstance(v, _ATOMS) for v in items):
+        return [v for v in items if isinstance(v, torch.Tensor)]
     leaves, _ = tree_flatten(value)
     return [t for t in leaves if isinstance(t, torch.Tensor)]
 

@@ -102,12 +102,8 @@ def drop_unused(root: nn.Module, graph: fx.Graph) -> None:
     keep: set[tuple[int, str]] = set()
     pairs: list[tuple[nn.Module, str]] = []
     stack: list[tuple[str, nn.Module]] = [("", root)]
-    seen: set[tuple[int, str]] = set()
-    while stack:
+    while stack:  # only paths the graph reads are entered: a finite walk
         path, module = stack.pop()
-        if (id(module), path) in seen:
-            continue
-        seen.add((id(module), path))
         if path in whole:
             continue
         for name, child in module._modules.items():
